@@ -1,0 +1,138 @@
+"""Falcon-H1 on a ragged batch: the model every executor runs (torch here; the ONNX graph mirrors it).
+
+One decoder layer (attention and Mamba2 in PARALLEL on one shared pre-norm; multipliers already folded):
+    n = input_layernorm(h)
+    h = h + out_proj(gated_norm(ssd(conv(in_proj(n))))) + o_proj(attention(rope(qkv_proj(n))))
+    h = h + down_proj(up * silu(gate)),  [gate | up] = gate_up_proj(pre_ff_layernorm(h))
+The Mamba conv, SSD scan, gated norm and paged attention are plugin ops (trtfalcon.plugins.ops): torch
+references on CPU, Triton kernels on CUDA; they read and update the cache pools of the engine I/O contract.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trtfalcon.config import FalconH1Config
+from trtfalcon.model.weights import DeployWeights
+from trtfalcon.plugins.ops import Ops, get_ops
+from trtfalcon.runtime.contract import StepBatch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' FalconH1RMSNorm: fp32 statistics, cast back, THEN the weight (in the weight's dtype)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def linear(x: torch.Tensor, w: DeployWeights, name: str) -> torch.Tensor:
+    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style RoPE tables over the full head_dim: (tokens, head_dim) each, computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (tokens, heads, head_dim); rotate_half convention (transformers' apply_rotary_pos_emb)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def mlp(n: torch.Tensor, w: DeployWeights, prefix: str) -> torch.Tensor:
+    gate, up = linear(n, w, f"{prefix}.mlp.gate_up_proj").chunk(2, dim=-1)
+    return linear(up * F.silu(gate), w, f"{prefix}.mlp.down_proj")
+
+
+def split_qkv(qkv: torch.Tensor, cfg: FalconH1Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t = qkv.shape[0]
+    q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+    return (
+        q.reshape(t, cfg.num_attention_heads, cfg.head_dim),
+        k.reshape(t, cfg.num_key_value_heads, cfg.head_dim),
+        v.reshape(t, cfg.num_key_value_heads, cfg.head_dim),
+    )
+
+
+def mamba_in_proj(n: torch.Tensor, w: DeployWeights, prefix: str, cfg: FalconH1Config):
+    """-> z (T, d_ssm), xBC (T, conv_dim), dt (T, H)."""
+    z, xbc, dt = linear(n, w, f"{prefix}.mamba.in_proj").split([cfg.mamba_d_ssm, cfg.conv_dim, cfg.mamba_n_heads], -1)
+    return z, xbc, dt
+
+
+def split_xbc(xbc: torch.Tensor, cfg: FalconH1Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """xBC (T, conv_dim) -> x (T, H, P), B (T, G, N), C (T, G, N)."""
+    t = xbc.shape[0]
+    gn = cfg.ssm_group_state_size
+    x, b, c = xbc.split([cfg.mamba_d_ssm, gn, gn], dim=-1)
+    return (
+        x.reshape(t, cfg.mamba_n_heads, cfg.mamba_d_head),
+        b.reshape(t, cfg.mamba_n_groups, cfg.mamba_d_state),
+        c.reshape(t, cfg.mamba_n_groups, cfg.mamba_d_state),
+    )
+
+
+class FalconH1Model:
+    """The ragged-batch model: `forward(batch, pools)` runs one step of the engine I/O contract."""
+
+    def __init__(self, weights: DeployWeights, ops: Ops | None = None):
+        self.w = weights
+        self.cfg = weights.config
+        self.ops = ops or get_ops("reference")
+        self.dtype = weights.dtype
+        # A = -exp(A_log), once, in fp32 (the SSD kernels take A).
+        self.A = [-torch.exp(weights[f"layers.{i}.mamba.A_log"].float()) for i in range(self.cfg.num_hidden_layers)]
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch, pools: dict[str, torch.Tensor]) -> torch.Tensor:
+        """-> logits (num_seqs, vocab) fp32 for the last token of each sequence; pools updated in place."""
+        cfg, w = self.cfg, self.w
+        h = F.embedding(batch.input_ids.long(), w["embed_tokens.weight"])
+        cos, sin = rope_cos_sin(batch.positions, cfg.head_dim, cfg.rope_theta, h.dtype)
+        for i in range(cfg.num_hidden_layers):
+            p = f"layers.{i}"
+            n = rms_norm(h, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
+            m = self._mamba(n, i, batch, pools)
+            a = self._attention(n, i, batch, pools, cos, sin)
+            h = h + m + a
+            h = h + mlp(rms_norm(h, w[f"{p}.pre_ff_layernorm.weight"], cfg.rms_norm_eps), w, p)
+        last = (batch.cu_seqlens[1:] - 1).long()
+        h = rms_norm(h[last], w["final_layernorm.weight"], cfg.rms_norm_eps)
+        return F.linear(h, w["lm_head.weight"]).float()
+
+    def _mamba(self, n: torch.Tensor, i: int, batch: StepBatch, pools: dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg, w, p = self.cfg, self.w, f"layers.{i}"
+        z, xbc, dt = mamba_in_proj(n, w, p, cfg)
+        xbc = self.ops.causal_conv1d(
+            xbc, w[f"{p}.mamba.conv1d.weight"], w.get(f"{p}.mamba.conv1d.bias"), pools[f"conv_state.{i}"],
+            batch.cu_seqlens, batch.context_lens, batch.state_slots,
+        )
+        x, b, c = split_xbc(xbc, cfg)
+        y = self.ops.ssd(
+            x, dt, self.A[i], b, c, w[f"{p}.mamba.D"], w[f"{p}.mamba.dt_bias"], pools[f"ssm_state.{i}"],
+            batch.cu_seqlens, batch.context_lens, batch.state_slots, cfg.mamba_chunk_size, cfg.time_step_limit,
+        )
+        y = self.ops.gated_rms_norm(
+            y.reshape(y.shape[0], cfg.mamba_d_ssm), z, w.get(f"{p}.mamba.norm.weight"), cfg.mamba_n_groups,
+            cfg.rms_norm_eps, cfg.mamba_norm_before_gate, n.dtype,
+        )
+        return linear(y, w, f"{p}.mamba.out_proj")
+
+    def _attention(
+        self, n: torch.Tensor, i: int, batch: StepBatch, pools: dict[str, torch.Tensor],
+        cos: torch.Tensor, sin: torch.Tensor,
+    ) -> torch.Tensor:
+        cfg, w, p = self.cfg, self.w, f"layers.{i}"
+        q, k, v = split_qkv(linear(n, w, f"{p}.attn.qkv_proj"), cfg)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = self.ops.paged_attention(
+            q, k, v, pools[f"kv_cache.{i}"], batch.block_tables, batch.cu_seqlens, batch.context_lens,
+            cfg.head_dim**-0.5,
+        )
+        return linear(o.reshape(o.shape[0], cfg.q_size), w, f"{p}.attn.o_proj")

@@ -1,0 +1,84 @@
+"""Deploy weights in memory: loaded from a deploy checkpoint, or folded on the fly from an HF checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trtfalcon.checkpoint.convert import (
+    fold_rows, deploy_dtype_of, deploy_sources, deploy_tensor_shapes, is_deploy_checkpoint,
+)
+from trtfalcon.checkpoint.hf import HFCheckpoint
+from trtfalcon.checkpoint.safetensors_io import SafetensorsReader, torch_dtype
+from trtfalcon.config import DEPLOY_FORMAT_VERSION, FalconH1Config
+from trtfalcon.errors import CheckpointError
+
+
+@dataclass
+class DeployWeights:
+    """The tensors of a deploy checkpoint by name (layers.{i}.attn.qkv_proj.weight, ...) and their config.
+
+    `config` has every multiplier at 1.0: they are folded into the tensors."""
+
+    config: FalconH1Config
+    tensors: dict[str, torch.Tensor]
+    dtype: torch.dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self.tensors.get(name)
+
+    def to(self, device: torch.device | str) -> DeployWeights:
+        return DeployWeights(self.config, {k: v.to(device) for k, v in self.tensors.items()}, self.dtype)
+
+
+def load_weights(directory: str | Path, dtype: str | None = None) -> DeployWeights:
+    """A deploy checkpoint as written, or an HF checkpoint folded and fused in memory (dtype default: fp32)."""
+    directory = Path(directory)
+    if is_deploy_checkpoint(directory):
+        return _load_deploy(directory, dtype)
+    return fold_hf(directory, dtype or "fp32")
+
+
+def fold_hf(directory: str | Path, dtype: str = "fp32") -> DeployWeights:
+    ckpt = HFCheckpoint(directory)
+    ckpt.validate()
+    tdtype = torch_dtype(dtype)
+    tensors = {
+        name: torch.cat(list(fold_rows(ckpt.reader, sources, deploy_dtype_of(name, tdtype))))
+        for name, sources in deploy_sources(ckpt.config).items()
+    }
+    return DeployWeights(ckpt.config.without_multipliers(), tensors, tdtype)
+
+
+def _load_deploy(directory: Path, dtype: str | None) -> DeployWeights:
+    raw = json.loads((directory / "config.json").read_text())
+    meta = raw["trtfalcon"]
+    if meta.get("version") != DEPLOY_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory / 'config.json'}: trtfalcon.version is {meta.get('version')!r}, this trtfalcon reads "
+            f"{DEPLOY_FORMAT_VERSION}; re-run `trtfalcon convert`"
+        )
+    cfg = FalconH1Config.from_hf_dict(raw, source=str(directory / "config.json"))
+    if cfg.has_multipliers:
+        raise CheckpointError(f"{directory / 'config.json'}: a deploy checkpoint must have every multiplier at 1.0")
+    stored = str(meta.get("dtype", "bf16"))
+    tdtype = torch_dtype(dtype or stored)
+    reader = SafetensorsReader(directory)
+    reader.check_index()
+    expected = deploy_tensor_shapes(cfg)
+    tensors = {}
+    for name, shape in expected.items():
+        info = reader.info(name)
+        if info.shape != shape:
+            raise CheckpointError(f"{info.file}: tensor '{name}' has shape {list(info.shape)}, expected {list(shape)}")
+        tensors[name] = reader.get(name).to(deploy_dtype_of(name, tdtype))
+    extra = sorted(set(reader.tensors) - set(expected))
+    if extra:
+        raise CheckpointError(f"{directory}: unexpected tensors {extra[:5]} for a deploy checkpoint of this config")
+    return DeployWeights(cfg, tensors, tdtype)
