@@ -59,3 +59,105 @@ def causal_conv1d_varlen_ref(
         out[s:e], new_hist = causal_conv1d_ref(x[s:e], weight, bias, hist, activation)
         conv_state[slot] = new_hist.to(conv_state.dtype)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------------------------
+from trtfalcon.plugins._triton import tl, triton  # noqa: E402
+
+
+@triton.jit
+def causal_conv1d_kernel(
+    # inputs (the spec's order)
+    x_ptr,  # (num_tokens, conv_dim)
+    weight_ptr,  # (conv_dim, K)
+    bias_ptr,  # (conv_dim,) (dummy when HAS_BIAS is False)
+    conv_state_ptr,  # (num_slots, conv_dim, K-1), read
+    cu_seqlens_ptr,  # (num_seqs+1,) int32
+    context_lens_ptr,  # (num_seqs,) int32
+    state_slots_ptr,  # (num_seqs,) int32
+    # scalars (shape expressions only: TensorRT's AOT plugins allow nothing else)
+    conv_dim,
+    # outputs
+    out_ptr,  # (num_tokens, conv_dim)
+    conv_state_out_ptr,  # aliases conv_state_ptr: written in place
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # next power of two >= K-1
+):
+    """One program = one sequence x BLOCK_C channels; it walks the sequence's tokens in tiles of BLOCK_T.
+
+    Fused: the history gather (from the slot, or zeros when context_len == 0), the K taps, bias, SiLU and the
+    state update, in one pass over x: x is read once per tap from L1/L2 and written once, where an unfused
+    version (cat history, conv, add bias, silu, slice the new state) moves the activations 4-5 times.
+    The program that reads a slot's old state is the one that writes its new state, so the in-place update
+    needs only a barrier inside the program, never across programs.
+    """
+    b = tl.program_id(0)
+    pc = tl.program_id(1)
+    start = tl.load(cu_seqlens_ptr + b)
+    seqlen = tl.load(cu_seqlens_ptr + b + 1) - start
+    # History entries with index < hist_lo are zeros: all of them for a new sequence (context_len == 0).
+    # (Scalar conditions enter masks as index bounds: vector masks only, which the interpreter also accepts.)
+    hist_lo = tl.where(tl.load(context_lens_ptr + b) > 0, 0, K - 1)
+    slot = tl.load(state_slots_ptr + b).to(tl.int64)
+
+    S: tl.constexpr = K - 1
+    cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < conv_dim
+    state_row = slot * conv_dim * S + cols.to(tl.int64) * S  # (BLOCK_C,) offset of each channel's history
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+
+    # The new state (the last K-1 inputs of the extended sequence [history | x]) is read BEFORE any write.
+    si = tl.arange(0, BLOCK_S)
+    sp = seqlen - S + si  # position (in this step's tokens) of new-state entry si; < 0 => from the old history
+    smask = (si < S)[None, :] & cmask[:, None]
+    new_x = tl.load(
+        x_ptr + (start + sp)[None, :].to(tl.int64) * conv_dim + cols[:, None],
+        mask=smask & (sp >= 0)[None, :], other=0.0,
+    ).to(tl.float32)
+    new_h = tl.load(
+        conv_state_ptr + state_row[:, None] + (S + sp)[None, :],
+        mask=smask & ((sp < 0) & (S + sp >= hist_lo))[None, :], other=0.0,
+    ).to(tl.float32)
+    new_state = new_x + new_h
+
+    for t0 in range(0, seqlen, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tmask = t < seqlen
+        acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32) + bias[None, :]
+        for j in tl.static_range(K):
+            w = tl.load(weight_ptr + cols * K + j, mask=cmask, other=0.0).to(tl.float32)
+            p = t + (j - S)  # input position read by tap j for output t; < 0 => history entry S + p
+            m2 = tmask[:, None] & cmask[None, :]
+            xv = tl.load(
+                x_ptr + (start + p)[:, None].to(tl.int64) * conv_dim + cols[None, :],
+                mask=m2 & (p >= 0)[:, None], other=0.0,
+            ).to(tl.float32)
+            hv = tl.load(
+                conv_state_ptr + state_row[None, :] + (S + p)[:, None],
+                mask=m2 & ((p < 0) & (S + p >= hist_lo))[:, None], other=0.0,
+            ).to(tl.float32)
+            acc += (xv + hv) * w[None, :]
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
+        tl.store(
+            out_ptr + (start + t)[:, None].to(tl.int64) * conv_dim + cols[None, :],
+            acc.to(out_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :],
+        )
+
+    # Every read of the old history (above, by any thread of this program) happens before the write below.
+    tl.debug_barrier()
+    n_write = tl.where(seqlen > 0, S, 0)  # an empty sequence leaves its slot untouched, as the reference does
+    tl.store(
+        conv_state_out_ptr + state_row[:, None] + si[None, :],
+        new_state.to(conv_state_out_ptr.dtype.element_ty), mask=(si < n_write)[None, :] & cmask[:, None],
+    )

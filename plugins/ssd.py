@@ -146,3 +146,181 @@ def ssd_varlen_ref(
         y[s:e] = yb.to(y.dtype)
         ssm_state[slot] = final.to(ssm_state.dtype)
     return y
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+from trtfalcon.plugins._triton import tl, triton  # noqa: E402
+
+
+@triton.jit
+def _dt_transform(dt_raw, dt_bias, DT_MIN: tl.constexpr, DT_MAX: tl.constexpr):
+    """clamp(softplus(dt + dt_bias), DT_MIN, DT_MAX) in fp32; softplus(x) = x for x > 20 (as torch does)."""
+    dt = dt_raw + dt_bias
+    dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))))
+    if DT_MIN > 0.0:
+        dt = tl.maximum(dt, DT_MIN)
+    if DT_MAX > 0.0:  # DT_MAX <= 0 stands for +inf (no upper limit)
+        dt = tl.minimum(dt, DT_MAX)
+    return dt
+
+
+@triton.jit
+def ssd_chunked_kernel(
+    # inputs (the spec's order)
+    x_ptr,  # (num_tokens, H, P)
+    dt_ptr,  # (num_tokens, H) raw
+    A_ptr,  # (H,) fp32
+    B_ptr,  # (num_tokens, G, N)
+    C_ptr,  # (num_tokens, G, N)
+    D_ptr,  # (H,) fp32 (dummy when HAS_D is False)
+    dt_bias_ptr,  # (H,) fp32
+    ssm_state_ptr,  # (num_slots, H, P, N), read
+    cu_seqlens_ptr,  # (num_seqs+1,) int32
+    context_lens_ptr,  # (num_seqs,) int32
+    state_slots_ptr,  # (num_seqs,) int32
+    # outputs
+    y_ptr,  # (num_tokens, H, P)
+    ssm_state_out_ptr,  # aliases ssm_state_ptr: written in place
+    H: tl.constexpr,
+    P: tl.constexpr,
+    G: tl.constexpr,
+    N: tl.constexpr,
+    HAS_D: tl.constexpr,
+    DT_MIN: tl.constexpr,
+    DT_MAX: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # the kernel's chunk length
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # next power of two >= N
+):
+    """Chunked SSD scan of one sequence x one head x BLOCK_P channels; the state (BLOCK_P, N) stays in registers.
+
+    Per chunk of BLOCK_T tokens (a_t = dt_t * A, a_cum its inclusive cumsum in the chunk, S the state entering it):
+        y      = (C @ S^T) * exp(a_cum)                                 # inter-chunk: the carried state
+               + ((C @ B^T) * exp(a_cum_i - a_cum_j) [j <= i]) @ (x*dt)  # intra-chunk: the quadratic (SSD) form
+               + D * x
+        S_next = exp(a_cum_last) * S + ((x*dt) * exp(a_cum_last - a_cum))^T @ B
+    which is ssd_minimal's four steps with the inter-chunk recurrence run sequentially inside the program.
+    Fused in one launch (mamba_ssm uses five: dt cumsum, chunk states, state passing, CB bmm, chunk scan):
+    dt softplus/bias/clamp, the D skip, the initial state read from the slot and the final state written back,
+    so x, B, C are read once and no per-chunk state ever goes to memory. The price: parallelism is
+    num_seqs x H x P/BLOCK_P programs (48 per sequence for the 7B), enough for batched prefill, thin for one
+    long prompt. The chunk length is a tiling choice: the result equals the recurrence for any chunk length.
+    """
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    pb = tl.program_id(2)
+    g = h // (H // G)  # repeat_interleave order: consecutive heads share a group
+    start = tl.load(cu_seqlens_ptr + b)
+    seqlen = tl.load(cu_seqlens_ptr + b + 1) - start
+    ctx = tl.load(context_lens_ptr + b)
+    slot = tl.load(state_slots_ptr + b).to(tl.int64)
+
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    pmask = offs_p < P
+    nmask = offs_n < N
+    A = tl.load(A_ptr + h).to(tl.float32)
+    dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
+    if HAS_D:
+        Dh = tl.load(D_ptr + h).to(tl.float32)
+
+    state_offs = ((slot * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]
+    smask = pmask[:, None] & nmask[None, :]
+    p_lo = tl.where(ctx > 0, 0, P)  # context_len 0: a zero initial state whatever the slot holds
+    state = tl.load(ssm_state_ptr + state_offs, mask=smask & (offs_p >= p_lo)[:, None], other=0.0).to(tl.float32)
+
+    for t0 in range(0, seqlen, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tmask = t < seqlen
+        tok = (start + t).to(tl.int64)
+        dt = _dt_transform(tl.load(dt_ptr + tok * H + h, mask=tmask, other=0.0).to(tl.float32), dt_bias, DT_MIN, DT_MAX)
+        dt = tl.where(tmask, dt, 0.0)  # padding tokens: no decay (exp(0) = 1) and no input
+        a_cum = tl.cumsum(dt * A, axis=0)  # (BLOCK_T,)
+        a_last = tl.sum(dt * A, axis=0)
+
+        x = tl.load(x_ptr + (tok[:, None] * H + h) * P + offs_p[None, :], mask=tmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
+        bc_offs = (tok[:, None] * G + g) * N + offs_n[None, :]
+        bc_mask = tmask[:, None] & nmask[None, :]
+        Bm = tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0).to(tl.float32)
+        Cm = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0).to(tl.float32)
+        xdt = x * dt[:, None]
+
+        y = tl.dot(Cm, tl.trans(state)) * tl.exp(a_cum)[:, None]  # (T, P)
+        CB = tl.dot(Cm, tl.trans(Bm))  # (T, T)
+        causal = t[:, None] >= t[None, :]
+        seg = tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf"))
+        y += tl.dot(CB * tl.exp(seg), xdt)
+        if HAS_D:
+            y += Dh * x
+        tl.store(y_ptr + (tok[:, None] * H + h) * P + offs_p[None, :], y.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & pmask[None, :])
+
+        decay = tl.exp(a_last - a_cum)  # (T,)
+        state = state * tl.exp(a_last) + tl.dot(tl.trans(xdt * decay[:, None]), Bm)  # (P, N)
+
+    tl.debug_barrier()  # the old state was read above; now overwrite it in place
+    n_write = tl.where(seqlen > 0, P, 0)  # an empty sequence leaves its slot untouched
+    tl.store(ssm_state_out_ptr + state_offs, state.to(ssm_state_out_ptr.dtype.element_ty), mask=smask & (offs_p < n_write)[:, None])
+
+
+@triton.jit
+def ssd_recurrent_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, ssm_state_ptr, cu_seqlens_ptr, context_lens_ptr,
+    state_slots_ptr,
+    y_ptr, ssm_state_out_ptr,
+    H: tl.constexpr,
+    P: tl.constexpr,
+    G: tl.constexpr,
+    N: tl.constexpr,
+    HAS_D: tl.constexpr,
+    DT_MIN: tl.constexpr,
+    DT_MAX: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Token-by-token recurrence (same arguments as ssd_chunked_kernel): the decode step.
+
+    S = exp(dt*A) * S + dt * x outer B;  y = S @ C + D * x, for each token of the sequence in turn.
+    Correct for any batch, fastest when every sequence has one token (decode): then it is one read and one write
+    of the state (the whole cost: 3 MiB fp32 per sequence per layer for the 7B) with dt transform, D skip and
+    the slot gather/scatter fused, and num_seqs x H x P/BLOCK_P programs to spread that traffic over the GPU.
+    """
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    pb = tl.program_id(2)
+    g = h // (H // G)
+    start = tl.load(cu_seqlens_ptr + b)
+    seqlen = tl.load(cu_seqlens_ptr + b + 1) - start
+    ctx = tl.load(context_lens_ptr + b)
+    slot = tl.load(state_slots_ptr + b).to(tl.int64)
+
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    pmask = offs_p < P
+    nmask = offs_n < N
+    A = tl.load(A_ptr + h).to(tl.float32)
+    dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
+    if HAS_D:
+        Dh = tl.load(D_ptr + h).to(tl.float32)
+
+    state_offs = ((slot * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]
+    smask = pmask[:, None] & nmask[None, :]
+    p_lo = tl.where(ctx > 0, 0, P)
+    state = tl.load(ssm_state_ptr + state_offs, mask=smask & (offs_p >= p_lo)[:, None], other=0.0).to(tl.float32)
+
+    for i in range(0, seqlen):
+        tok = (start + i).to(tl.int64)
+        dt = _dt_transform(tl.load(dt_ptr + tok * H + h).to(tl.float32), dt_bias, DT_MIN, DT_MAX)
+        x = tl.load(x_ptr + (tok * H + h) * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
+        Bv = tl.load(B_ptr + (tok * G + g) * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + (tok * G + g) * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        state = state * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
+        y = tl.sum(state * Cv[None, :], axis=1)
+        if HAS_D:
+            y += Dh * x
+        tl.store(y_ptr + (tok * H + h) * P + offs_p, y.to(y_ptr.dtype.element_ty), mask=pmask)
+
+    tl.debug_barrier()
+    n_write = tl.where(seqlen > 0, P, 0)
+    tl.store(ssm_state_out_ptr + state_offs, state.to(ssm_state_out_ptr.dtype.element_ty), mask=smask & (offs_p < n_write)[:, None])
