@@ -20,8 +20,8 @@ class SamplingParams:
     temperature 0 is greedy (argmax, ties to the lowest id); top_k 0 and top_p 1.0 disable those filters.
     `seed` makes a sampled request reproducible whatever else shares its batches (each request draws from its own
     generator); None draws a seed from the engine's generator. Generation stops at `max_new_tokens`, or earlier at a
-    token of `stop_token_ids` or the model's EOS, unless `ignore_eos` (then only length ends it: the benchmark
-    setting, so every request does the same work). The stop token itself is part of the output.
+    token of `stop_token_ids`, or at the model's EOS unless `ignore_eos` (the benchmark setting, so every request
+    does the same work; as in vLLM, stop_token_ids still apply). The stop token itself is part of the output.
     `logprobs` = k > 0 returns, per generated token, its log-probability and the k most likely tokens with theirs,
     all from the distribution actually sampled from (log_softmax of the logits after temperature, top-k, top-p).
     """

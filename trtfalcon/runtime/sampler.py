@@ -27,10 +27,13 @@ def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     """
     x = logits / temperature[:, None]
     vocab = x.shape[-1]
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
-    if bool((k < vocab).any()):
-        kmax = int(k.max())
+    active = (top_k > 0) & (top_k < vocab)
+    if bool(active.any()):
+        # One topk for the largest k asked; rows without a filter compare against -inf (keep everything).
+        kmax = int(top_k[active].max())
+        k = torch.where(active, top_k, torch.ones_like(top_k))
         kth = x.topk(kmax, dim=-1).values.gather(1, (k - 1)[:, None])
+        kth = kth.masked_fill(~active[:, None], float("-inf"))
         x = x.masked_fill(x < kth, float("-inf"))
     if bool((top_p < 1.0).any()):
         # Nucleus: keep the smallest set of most likely tokens whose probability reaches top_p (HF's rule:

@@ -1,0 +1,184 @@
+"""LLMEngine: requests -> scheduler -> StepBatch -> executor -> logits -> sampler -> outputs.
+
+    engine = LLMEngine(executor, max_batch_size=64, max_num_tokens=2048, max_seq_len=4096, eos_token_ids=(11,))
+    outputs = engine.generate([Request("a", prompt_ids, SamplingParams(max_new_tokens=32))])
+
+or drive it step by step (a server, a benchmark with a concurrency limit):
+
+    out = engine.add_request(request)      # a live RequestOutput, already finished if the request was rejected
+    while engine.has_work:
+        for delta in engine.step():        # finished requests (and, with stream=True, every new token)
+            ...
+
+Every request ends exactly once: "length", "stop", "cancelled", or "error" (rejected at add time, or its step's
+executor call failed). The engine is single-threaded: a server calls add_request/cancel/step from one loop.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+from trtfalcon.runtime.executors.base import Executor
+from trtfalcon.runtime.request import Request, RequestOutput, StreamDelta
+from trtfalcon.runtime.sampler import Sampler
+from trtfalcon.runtime.scheduler import ScheduledStep, Scheduler
+
+
+@dataclass(slots=True)
+class StepLog:
+    """One step, for the benchmark's iteration log. Times in microseconds.
+
+    schedule_us: choosing sequences + updating them with the sampled tokens (finishes, frees);
+    build_us: filling the StepBatch; execute_us: the executor; sample_us: the sampler (incl. its device->host copy).
+    host_us = schedule_us + build_us + sample_us is the runtime's own cost per step.
+    """
+
+    step: int
+    num_tokens: int
+    num_seqs: int
+    num_decode: int
+    num_prefill: int
+    num_preempted: int
+    num_waiting: int
+    free_blocks: int
+    schedule_us: float
+    build_us: float
+    execute_us: float
+    sample_us: float
+    wall_us: float
+
+    @property
+    def host_us(self) -> float:
+        return self.schedule_us + self.build_us + self.sample_us
+
+
+class LLMEngine:
+    """In-flight batching over one executor. Pool sizes (blocks, block_size, slots) come from executor.cache_spec.
+
+    max_batch_size: sequences per step (also capped by the number of state slots);
+    max_num_tokens: tokens per step (decode tokens + prefill chunks), at least max_batch_size;
+    max_seq_len: prompt + max_new_tokens limit per request, and the block table width;
+    watermark: fraction of KV blocks kept back from admissions so running sequences can grow;
+    stream: step() also returns a delta for every request that got a token (else only finished ones);
+    on_delta: called with each delta step() returns; log_steps: keep a StepLog per step in `step_log`.
+    """
+
+    def __init__(self, executor: Executor, *, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
+                 eos_token_ids: Iterable[int] = (), watermark: float = 0.01, seed: int = 0, stream: bool = False,
+                 on_delta: Callable[[StreamDelta], None] | None = None, log_steps: bool = True) -> None:
+        spec = executor.cache_spec
+        self.executor = executor
+        self.scheduler = Scheduler(
+            vocab_size=executor.vocab_size, max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
+            max_seq_len=max_seq_len, num_blocks=spec.num_blocks, block_size=spec.block_size,
+            num_slots=spec.num_slots, watermark_blocks=int(watermark * spec.num_blocks),
+            eos_token_ids=tuple(eos_token_ids), seed=seed)
+        self.sampler = Sampler()
+        self.stream = stream
+        self.on_delta = on_delta
+        self.log_steps = log_steps
+        self.step_log: list[StepLog] = []
+        self.num_steps = 0
+        self._ended: list[RequestOutput] = []  # rejected or cancelled between steps: reported by the next step()
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> RequestOutput:
+        arrival = request.arrival_time if request.arrival_time is not None else time.perf_counter()
+        out = self.scheduler.add(request, arrival)
+        if out.finished:
+            self._ended.append(out)
+        return out
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a queued or running request; its blocks and slot are free at once. False if not in flight."""
+        out = self.scheduler.cancel(request_id)
+        if out is None:
+            return False
+        self._ended.append(out)
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work or bool(self._ended)
+
+    # ---- stepping ------------------------------------------------------------------------------------------
+    def step(self) -> list[StreamDelta]:
+        """Run one step; return the deltas of requests that finished (and, with stream=True, got tokens)."""
+        deltas: list[StreamDelta] = []
+        if self._ended:
+            deltas.extend(StreamDelta(o.request_id, [], None, o.finish_reason, o) for o in self._ended)
+            self._ended.clear()
+        sched = self.scheduler
+        t0 = time.perf_counter()
+        step = sched.schedule()
+        if step is not None:
+            t1 = time.perf_counter()
+            build_us = sched.last_build_s
+            try:
+                logits = self.executor.execute(step.batch)
+            except Exception as exc:  # noqa: BLE001 - the step's requests end with this error; others go on
+                sched.fail(step.seqs, f"executor failed in step {self.num_steps}: {type(exc).__name__}: {exc}")
+                deltas.extend(StreamDelta(s.request_id, [], None, s.output.finish_reason, s.output)
+                              for s in step.seqs)
+                self.num_steps += 1
+                return self._emit(deltas)
+            t2 = time.perf_counter()
+            token_ids, logprobs = self._sample(step, logits)
+            t3 = time.perf_counter()
+            sampled = sched.update(step, token_ids, logprobs, t3)
+            t4 = time.perf_counter()
+            self._collect(sampled, deltas)
+            if self.log_steps:
+                schedule_us = ((t1 - t0) - build_us + (t4 - t3)) * 1e6
+                self.step_log.append(StepLog(
+                    self.num_steps, step.batch.num_tokens, len(step.seqs), step.num_decode, step.num_prefill,
+                    step.num_preempted, len(sched.waiting), sched.blocks.num_free, schedule_us, build_us * 1e6,
+                    (t2 - t1) * 1e6, (t3 - t2) * 1e6, (time.perf_counter() - t0) * 1e6))
+            self.num_steps += 1
+        return self._emit(deltas)
+
+    def _sample(self, step: ScheduledStep, logits):  # noqa: ANN001, ANN202
+        rows = step.sample_rows
+        if not rows:
+            return [], None
+        seqs = step.seqs
+        if len(rows) != len(seqs):
+            logits = logits[rows]
+        sample_seqs = [seqs[r] for r in rows]
+        return self.sampler.sample(logits, [s.params for s in sample_seqs], [s.rng for s in sample_seqs])
+
+    def _collect(self, sampled: list, deltas: list[StreamDelta]) -> None:
+        if self.stream:
+            for seq in sampled:
+                out = seq.output
+                lp = [out.logprobs[-1]] if out.logprobs else None
+                deltas.append(StreamDelta(seq.request_id, [out.token_ids[-1]], lp, out.finish_reason,
+                                          out if seq.finished else None))
+        else:
+            for seq in sampled:
+                if seq.finished:
+                    out = seq.output
+                    deltas.append(StreamDelta(seq.request_id, [out.token_ids[-1]], None, out.finish_reason, out))
+
+    def _emit(self, deltas: list[StreamDelta]) -> list[StreamDelta]:
+        if self.on_delta is not None:
+            for d in deltas:
+                self.on_delta(d)
+        return deltas
+
+    # ---- whole workloads -----------------------------------------------------------------------------------
+    def generate(self, requests: Iterable[Request]) -> list[RequestOutput]:
+        """Run `requests` together in flight until all end; outputs in input order."""
+        outputs = [self.add_request(r) for r in requests]
+        while self.has_work:
+            self.step()
+        return outputs
+
+    def stream_deltas(self, requests: Iterable[Request]) -> Iterator[StreamDelta]:
+        """Add `requests`, then yield every delta until all end (token by token when stream=True)."""
+        for r in requests:
+            self.add_request(r)
+        while self.has_work:
+            yield from self.step()

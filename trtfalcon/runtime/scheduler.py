@@ -1,0 +1,365 @@
+"""In-flight batching: which tokens of which sequences run in the next step, and the StepBatch that carries them.
+
+Each step, in this order, within max_num_tokens tokens and max_batch_size sequences:
+  1. decode: every running sequence that has all but its newest token cached contributes that token. Crossing a
+     block boundary takes one KV block; when none is free the most recently admitted running sequence is preempted
+     (recompute: its blocks and slot are freed and it goes back to the front of the queue with prompt + generated
+     tokens as its new prompt; greedy decoding then reproduces exactly the tokens it would have produced).
+  2. chunked prefill of running sequences whose prompt is not fully cached yet: the next chunk starts at
+     context_len = tokens already cached; the conv/SSM states carry over in the sequence's slot.
+  3. admission, first come first served: a waiting sequence joins when a state slot is free and the blocks for its
+     whole prompt are (plus the watermark), and runs its first chunk with context_len 0 in this same step.
+     No admission in a step that preempted (it would thrash: the freed blocks are exactly the ones needed).
+Running sequences never exceed max_batch_size, so every running sequence decodes every step.
+
+A sequence uses its state slot as its row in the BlockManager's block-table matrix (see cache.py), so
+block_tables for the step is one numpy gather. The StepBatch's tensors are views of buffers preallocated for
+max_num_tokens / max_batch_size: valid until the next step.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trtfalcon.errors import RequestError
+from trtfalcon.runtime.cache import BlockManager, StateSlotPool
+from trtfalcon.runtime.contract import StepBatch
+from trtfalcon.runtime.request import Request, RequestOutput, SamplingParams, TokenLogprobs
+
+
+class Sequence:
+    """A request while the scheduler holds it. `tokens` = prompt + generated; `num_computed` = context_len."""
+
+    __slots__ = ("request_id", "params", "output", "tokens", "num_computed", "state_slot", "rng", "stop_ids",
+                 "max_new_tokens", "finished")
+
+    def __init__(self, request: Request, output: RequestOutput, stop_ids: frozenset[int], rng: random.Random | None
+                 ) -> None:
+        self.request_id = request.request_id
+        self.params: SamplingParams = request.params
+        self.output = output
+        self.tokens: list[int] = list(output.prompt_ids)
+        self.num_computed = 0
+        self.state_slot = -1
+        self.rng = rng
+        self.stop_ids = stop_ids
+        self.max_new_tokens = request.params.max_new_tokens
+        self.finished = False
+
+
+@dataclass
+class ScheduledStep:
+    """One step's work: `seqs[i]` runs `num_new[i]` tokens (row i of the batch and of the logits).
+
+    `sample_rows` are the rows whose chunk reaches the end of their tokens: only those sample a token (a partial
+    prefill chunk's logits are discarded, and must not draw from the request's generator).
+    """
+
+    batch: StepBatch
+    seqs: list[Sequence]
+    num_new: list[int]
+    sample_rows: list[int]
+    num_decode: int
+    num_prefill: int
+    num_preempted: int
+
+
+class Scheduler:
+    def __init__(self, *, vocab_size: int, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
+                 num_blocks: int, block_size: int, num_slots: int, watermark_blocks: int = 0,
+                 eos_token_ids: tuple[int, ...] = (), seed: int = 0) -> None:
+        if max_num_tokens < max_batch_size:
+            raise ValueError(
+                f"max_num_tokens: expected >= max_batch_size={max_batch_size} (every running sequence decodes "
+                f"one token per step), found {max_num_tokens}")
+        self.vocab_size = vocab_size
+        self.max_batch_size = min(max_batch_size, num_slots)
+        self.max_num_tokens = max_num_tokens
+        self.max_seq_len = max_seq_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_blocks_per_seq = -(-max_seq_len // block_size)
+        self.blocks = BlockManager(num_blocks, block_size, num_slots, self.max_blocks_per_seq, watermark_blocks)
+        self.slots = StateSlotPool(num_slots)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.live: dict[str, Sequence] = {}
+        self._seed_rng = random.Random(seed)
+        self.last_build_s = 0.0  # time of the last build_batch, for the step log
+
+        # Reusable host buffers for the StepBatch (numpy for filling, torch views of the same memory for the
+        # executor). _arange serves the positions of prefill chunks without allocating.
+        self._input_ids = np.zeros(max_num_tokens, dtype=np.int32)
+        self._positions = np.zeros(max_num_tokens, dtype=np.int32)
+        self._cu_seqlens = np.zeros(self.max_batch_size + 1, dtype=np.int32)
+        self._seqlens = np.zeros(self.max_batch_size, dtype=np.int32)
+        self._context_lens = np.zeros(self.max_batch_size, dtype=np.int32)
+        self._state_slots = np.zeros(self.max_batch_size, dtype=np.int32)
+        self._block_tables = np.zeros((self.max_batch_size, self.max_blocks_per_seq), dtype=np.int32)
+        self._arange = np.arange(max_seq_len + 1, dtype=np.int32)
+        self._t = {name: torch.from_numpy(getattr(self, "_" + name)) for name in
+                   ("input_ids", "positions", "cu_seqlens", "context_lens", "state_slots", "block_tables")}
+
+    # ---- requests in and out -------------------------------------------------------------------------------
+    def check(self, request: Request) -> str | None:
+        """Why `request` can never be served, as a message naming it, what was expected and what was found."""
+        rid = request.request_id
+        head = f"request {rid!r} rejected:"
+        if rid in self.live:
+            return f"{head} request_id: expected one not in flight, found a running request with the same id"
+        prompt = request.prompt_ids
+        if len(prompt) == 0:
+            return f"{head} prompt_ids: expected at least 1 token, found an empty prompt"
+        arr = np.asarray(prompt)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            return f"{head} prompt_ids: expected a flat sequence of integer token ids, found dtype {arr.dtype}, " \
+                   f"shape {arr.shape}"
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = int(arr[(arr < 0) | (arr >= self.vocab_size)][0])
+            pos = int(np.flatnonzero(arr == bad)[0])
+            return f"{head} prompt_ids: expected token ids in [0, vocab_size={self.vocab_size}), found {bad} " \
+                   f"at position {pos}"
+        problems = request.params.problems(self.vocab_size)
+        if problems:
+            return f"{head} " + "; ".join(problems)
+        total = len(prompt) + request.params.max_new_tokens
+        if total > self.max_seq_len:
+            return f"{head} prompt ({len(prompt)} tokens) + max_new_tokens ({request.params.max_new_tokens}) = " \
+                   f"{total} tokens, expected at most max_seq_len={self.max_seq_len}"
+        # At its longest a sequence caches prompt + max_new_tokens - 1 tokens (the last token is never fed back),
+        # and after a preemption it must be re-admitted with that many, watermark included.
+        peak = self.blocks.blocks_for(total - 1)
+        usable = self.blocks.num_blocks - self.blocks.watermark_blocks
+        if peak > usable:
+            return f"{head} prompt ({len(prompt)} tokens) + max_new_tokens ({request.params.max_new_tokens}) " \
+                   f"needs {peak} KV blocks of {self.blocks.block_size} tokens, expected at most the pool's " \
+                   f"{usable} (num_blocks={self.blocks.num_blocks} - watermark={self.blocks.watermark_blocks})"
+        return None
+
+    def add(self, request: Request, arrival_time: float) -> RequestOutput:
+        """Queue `request`; a request that can never be served comes back already finished with its error."""
+        prompt = list(request.prompt_ids) if not isinstance(request.prompt_ids, np.ndarray) \
+            else request.prompt_ids.tolist()
+        output = RequestOutput(request_id=request.request_id, prompt_ids=prompt, arrival_time=arrival_time)
+        problem = self.check(request)
+        if problem is not None:
+            output.finish_reason = "error"
+            output.error = str(RequestError(problem))
+            output.finish_time = time.perf_counter()
+            return output
+        p = request.params
+        if p.logprobs:
+            output.logprobs = []
+        stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
+        rng = None
+        if not p.greedy:
+            rng = random.Random(p.seed if p.seed is not None else self._seed_rng.getrandbits(64))
+        seq = Sequence(request, output, stop_ids, rng)
+        self.live[request.request_id] = seq
+        self.waiting.append(seq)
+        return output
+
+    def cancel(self, request_id: str) -> RequestOutput | None:
+        """End a queued or running request now, freeing its blocks and slot; None if it is not in flight."""
+        seq = self.live.get(request_id)
+        if seq is None:
+            return None
+        if seq.state_slot >= 0:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._finish(seq, "cancelled", time.perf_counter())
+        return seq.output
+
+    def fail(self, seqs: list[Sequence], message: str) -> None:
+        """End `seqs` with finish_reason "error" (an executor failure in their step); the others go on."""
+        now = time.perf_counter()
+        for seq in seqs:
+            if not seq.finished:
+                if seq.state_slot >= 0:
+                    self.running.remove(seq)
+                else:
+                    self.waiting.remove(seq)
+                self._finish(seq, "error", now, message)
+
+    def _finish(self, seq: Sequence, reason: str, now: float, error: str | None = None) -> None:
+        if seq.state_slot >= 0:
+            self.blocks.free(seq.state_slot)
+            self.slots.free(seq.state_slot)
+            seq.state_slot = -1
+        seq.finished = True
+        del self.live[seq.request_id]
+        out = seq.output
+        out.finish_reason = reason
+        out.error = error
+        out.finish_time = now
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute preemption: drop the caches, requeue at the front with prompt + generated as the prompt."""
+        if self.running[-1] is seq:
+            self.running.pop()
+        else:
+            self.running.remove(seq)
+        self.blocks.free(seq.state_slot)
+        self.slots.free(seq.state_slot)
+        seq.state_slot = -1
+        seq.num_computed = 0
+        seq.output.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # ---- one step ------------------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledStep | None:
+        """Choose this step's sequences and chunks (see the module docstring); None when nothing can run."""
+        blocks = self.blocks
+        block_size = blocks.block_size
+        num_seq_blocks = blocks.num_seq_blocks
+        running = self.running
+        seqs: list[Sequence] = []
+        num_new: list[int] = []
+        prefilling: list[Sequence] = []
+        num_preempted = 0
+
+        i = 0
+        while i < len(running):
+            seq = running[i]
+            cached = seq.num_computed
+            if len(seq.tokens) - cached != 1:
+                prefilling.append(seq)
+                i += 1
+                continue
+            if cached + 1 > int(num_seq_blocks[seq.state_slot]) * block_size:
+                while not blocks.grow(seq.state_slot, cached + 1):
+                    victim = running[-1]  # the most recently admitted; never one already in this step
+                    self._preempt(victim)
+                    num_preempted += 1
+                    if victim is seq:
+                        break
+                if seq.state_slot < 0:
+                    continue  # preempted itself: running[i] is now the next sequence
+            seqs.append(seq)
+            i += 1
+        num_decode = len(seqs)
+        num_new = [1] * num_decode
+        budget = self.max_num_tokens - num_decode
+
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            if seq.state_slot < 0:
+                continue  # preempted above
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            seqs.append(seq)
+            num_new.append(n)
+            budget -= n
+
+        if not num_preempted:
+            waiting = self.waiting
+            while waiting and budget > 0 and len(running) < self.max_batch_size and self.slots.num_free:
+                seq = waiting[0]
+                pending = len(seq.tokens)
+                if not blocks.can_allocate(blocks.blocks_for(pending), admission=True):
+                    break  # first come first served: a later, smaller request does not overtake
+                waiting.popleft()
+                slot = self.slots.allocate()
+                blocks.open(slot)
+                blocks.grow(slot, pending)
+                seq.state_slot = slot
+                seq.num_computed = 0  # a fresh start in a possibly reused slot: context_len 0 zeroes its state
+                running.append(seq)
+                n = min(pending, budget)
+                seqs.append(seq)
+                num_new.append(n)
+                budget -= n
+
+        if not seqs:
+            return None
+        sample_rows = [r for r, (seq, n) in enumerate(zip(seqs, num_new)) if seq.num_computed + n == len(seq.tokens)]
+        t0 = time.perf_counter()
+        batch = self.build_batch(seqs, num_new, num_decode)
+        self.last_build_s = time.perf_counter() - t0
+        return ScheduledStep(batch, seqs, num_new, sample_rows, num_decode, len(seqs) - num_decode, num_preempted)
+
+    def build_batch(self, seqs: list[Sequence], num_new: list[int], num_decode: int) -> StepBatch:
+        """Fill the contract's int32 inputs for `seqs` (decode rows first, each with one token)."""
+        num_seqs = len(seqs)
+        ids, pos, ctx, slots, seqlens = (self._input_ids, self._positions, self._context_lens, self._state_slots,
+                                         self._seqlens)
+        if num_decode:
+            dec = seqs[:num_decode]
+            ids[:num_decode] = [s.tokens[-1] for s in dec]
+            ctx[:num_decode] = [s.num_computed for s in dec]
+            slots[:num_decode] = [s.state_slot for s in dec]
+            seqlens[:num_decode] = 1
+            pos[:num_decode] = ctx[:num_decode]
+        t = num_decode
+        for b in range(num_decode, num_seqs):
+            seq, n = seqs[b], num_new[b]
+            c = seq.num_computed
+            ids[t: t + n] = seq.tokens[c: c + n]
+            pos[t: t + n] = self._arange[c: c + n]
+            ctx[b] = c
+            slots[b] = seq.state_slot
+            seqlens[b] = n
+            t += n
+        np.cumsum(seqlens[:num_seqs], out=self._cu_seqlens[1: num_seqs + 1])
+        np.take(self.blocks.block_tables, slots[:num_seqs], axis=0, out=self._block_tables[:num_seqs])
+        v = self._t
+        return StepBatch(input_ids=v["input_ids"][:t], positions=v["positions"][:t],
+                         cu_seqlens=v["cu_seqlens"][: num_seqs + 1], context_lens=v["context_lens"][:num_seqs],
+                         state_slots=v["state_slots"][:num_seqs], block_tables=v["block_tables"][:num_seqs])
+
+    def update(self, step: ScheduledStep, token_ids: list[int], logprobs: list[TokenLogprobs | None] | None,
+               now: float) -> list[Sequence]:
+        """Advance the caches' bookkeeping and append sampled tokens; returns the sequences that got a token.
+
+        token_ids[j] (and logprobs[j]) belong to row step.sample_rows[j]. Finished sequences release their
+        blocks and slot here, before the next schedule.
+        """
+        seqs, num_new = step.seqs, step.num_new
+        for seq, n in zip(seqs, num_new):
+            seq.num_computed += n
+        sampled: list[Sequence] = []
+        any_finished = False
+        for j, r in enumerate(step.sample_rows):
+            seq = seqs[r]
+            token = token_ids[j]
+            seq.tokens.append(token)
+            out = seq.output
+            generated = out.token_ids
+            if not generated:
+                out.first_token_time = now
+            generated.append(token)
+            if logprobs is not None and out.logprobs is not None:
+                out.logprobs.append(logprobs[j])
+            sampled.append(seq)
+            if token in seq.stop_ids:
+                self._finish_running(seq, "stop", now)
+                any_finished = True
+            elif len(generated) >= seq.max_new_tokens:
+                self._finish_running(seq, "length", now)
+                any_finished = True
+        if any_finished:
+            self.running = [s for s in self.running if not s.finished]
+        return sampled
+
+    def _finish_running(self, seq: Sequence, reason: str, now: float) -> None:
+        # Leaves `running` to the caller's single rebuild (finishing many sequences in one step stays O(batch)).
+        state_slot = seq.state_slot
+        seq.state_slot = -1
+        self.blocks.free(state_slot)
+        self.slots.free(state_slot)
+        seq.finished = True
+        del self.live[seq.request_id]
+        out = seq.output
+        out.finish_reason = reason
+        out.finish_time = now
