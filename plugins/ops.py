@@ -35,7 +35,24 @@ REFERENCE_OPS = Ops(
 )
 
 
+def _triton_ops() -> Ops:
+    """The Triton kernels, each called through its one declaration in plugins/spec.py (the same declaration the
+    TensorRT plugins and the ahead-of-time build come from). CUDA tensors run on the GPU; CPU tensors need
+    TRITON_INTERPRET=1 set before triton is imported (Triton's interpreter: slow, for verification)."""
+    from trtfalcon.plugins import spec
+
+    return Ops(
+        name="triton",
+        causal_conv1d=spec.torch_call(spec.CAUSAL_CONV1D),
+        ssd=spec.torch_call(spec.SSD),
+        gated_rms_norm=spec.torch_call(spec.GATED_RMS_NORM),
+        paged_attention=spec.torch_call(spec.PAGED_ATTENTION),
+    )
+
+
 def get_ops(kernels: str = "reference") -> Ops:
     if kernels == "reference":
         return REFERENCE_OPS
+    if kernels == "triton":
+        return _triton_ops()
     raise ValueError(f"kernels: expected one of {KERNEL_CHOICES}, found {kernels!r}")
