@@ -207,7 +207,24 @@ class FalconH1Config:
 # Parsing and validation
 
 
+def _decode_special_floats(value: Any) -> Any:
+    """transformers 5 writes non-finite floats as {"__float__": "Infinity"} (JSON has no inf); older files use the
+    bare `Infinity` token, which json.loads already reads."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and isinstance(value["__float__"], str):
+            try:
+                return float(value["__float__"])
+            except ValueError:
+                return value
+        return {k: _decode_special_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_special_floats(v) for v in value]
+    return value
+
+
 def _parse(raw: dict[str, Any], source: str) -> FalconH1Config:
+    raw = _decode_special_floats(raw)
+
     def err(key: str, expected: str, found: Any) -> ConfigError:
         return ConfigError(f"{source}: field '{key}': expected {expected}, found {found!r}")
 

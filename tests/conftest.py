@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import VARIANTS, build_hf_checkpoint, variant_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """variant name -> path of a small random HF checkpoint saved by transformers (built on first use)."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = build_hf_checkpoint(variant_config(name), tmp_path_factory.mktemp(f"hf-{name}"))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(hf_checkpoints) -> Path:
+    return hf_checkpoints("base")
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def variant(request) -> str:
+    return request.param

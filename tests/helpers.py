@@ -1,0 +1,91 @@
+"""Small random Falcon-H1 checkpoints built with transformers itself (the oracle), for every config variant."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trtfalcon.config import preset_dict
+
+# Every switch of the family (../shared/reference/falcon-h1.md). Each variant is the tiny preset plus overrides.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "base": {},  # head_dim present, 2 groups, gated RMSNorm with norm_before_gate=False (the 7B's choice)
+    "no_head_dim": {"head_dim": None, "num_attention_heads": 4, "hidden_size": 64},  # head_dim = 64 / 4
+    "mamba_head_ne_attn_head": {"mamba_d_head": 8, "mamba_n_heads": 8, "head_dim": 32, "num_attention_heads": 2,
+                                "num_key_value_heads": 1},
+    "one_group": {"mamba_n_groups": 1},
+    "no_mamba_rms_norm": {"mamba_rms_norm": False},
+    "norm_before_gate": {"mamba_norm_before_gate": True},
+    "tied_embeddings": {"tie_word_embeddings": True},
+    "all_biases": {"attention_bias": True, "mlp_bias": True, "projectors_bias": True, "mamba_proj_bias": True},
+    "no_conv_bias": {"mamba_conv_bias": False},
+    "time_step_limit": {"time_step_limit": [0.02, 0.08]},
+    "unit_multipliers": {k: 1.0 for k in ("embedding_multiplier", "lm_head_multiplier", "key_multiplier",
+                                          "attention_out_multiplier", "ssm_in_multiplier", "ssm_out_multiplier")},
+}
+
+
+def variant_config(name: str) -> dict[str, Any]:
+    cfg = preset_dict("tiny")
+    for k, v in VARIANTS[name].items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def build_hf_checkpoint(config_dict: dict[str, Any], out: Path, seed: int = 0) -> Path:
+    """FalconH1ForCausalLM(config) with every parameter re-drawn so each one matters, saved with save_pretrained."""
+    from transformers import FalconH1Config as HFConfig
+    from transformers import FalconH1ForCausalLM
+
+    d = dict(config_dict)
+    d.pop("model_type", None)
+    d.pop("architectures", None)
+    torch.manual_seed(seed)
+    model = FalconH1ForCausalLM(HFConfig(**d)).float().eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif leaf == "A_log":
+                p.copy_(torch.log(torch.empty(p.shape).uniform_(1.0, 8.0, generator=gen)))
+            elif leaf in ("D", "dt_bias") or leaf == "bias":
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def hf_model(path: Path):
+    from transformers import FalconH1ForCausalLM
+
+    return FalconH1ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    """transformers' full-sequence forward without cache: the oracle (its cached generate() differs, see
+    ../shared/reference/falcon-h1.md)."""
+    return model(torch.tensor([ids]), use_cache=False).logits[0].float()
+
+
+@torch.no_grad()
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Greedy tokens, each from a full-sequence no-cache forward over the prompt and the tokens so far."""
+    seq = list(ids)
+    out = []
+    for _ in range(n):
+        tok = int(hf_logits(model, seq)[-1].argmax())
+        out.append(tok)
+        seq.append(tok)
+    return out

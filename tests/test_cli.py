@@ -1,0 +1,94 @@
+"""The CLI as a user runs it: exit codes, one-line errors, JSON output."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from trtfalcon import __version__
+from trtfalcon.cli import main
+from trtfalcon.model.generate import reference_generate
+from trtfalcon.model.reference import ReferenceModel
+from trtfalcon.model.weights import load_weights
+
+
+def run(*args, ok=True):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert r.exit_code == 0, r.output
+    else:
+        assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+    return r
+
+
+@pytest.mark.parametrize("cmd", [[], ["synth"], ["convert"], ["generate"]])
+def test_help_everywhere(cmd):
+    out = run(*cmd, "--help").output
+    assert "Usage:" in out and ("Example" in out or not cmd)
+
+
+def test_version():
+    assert __version__ in run("--version").output
+
+
+def test_synth_convert_generate(tmp_path):
+    hf, dep = tmp_path / "hf", tmp_path / "dep"
+    run("synth", "--preset", "tiny", "--out", hf, "--dtype", "fp32", "--max-shard-size", "40kB")
+    assert (hf / "model.safetensors.index.json").is_file()
+    run("convert", hf, dep, "--dtype", "fp32")
+    out = run("generate", dep, "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--json").output
+    tokens = json.loads(out.strip().splitlines()[-1])["token_ids"]
+    want = reference_generate(ReferenceModel(load_weights(dep)), [1, 2, 3], 5, stop_token_ids=(2,))
+    assert tokens == want and 1 <= len(tokens) <= 5
+    # an HF checkpoint is converted in memory and gives the same tokens
+    out_hf = run("generate", hf, "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--json").output
+    assert json.loads(out_hf.strip().splitlines()[-1])["token_ids"] == tokens
+
+
+def test_prompts_file_keeps_input_order(tmp_path):
+    hf = tmp_path / "hf"
+    run("synth", "--preset", "tiny", "--out", hf, "--dtype", "fp32")
+    prompts = [[5, 6, 7], [9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt_ids": p, "max_new_tokens": 3 + i}) for i, p in enumerate(prompts)))
+    lines = [json.loads(x) for x in run("generate", hf, "--prompts-file", f, "--json").output.strip().splitlines()]
+    model = ReferenceModel(load_weights(hf))
+    assert [x["prompt_ids"] for x in lines] == prompts
+    for i, (p, line) in enumerate(zip(prompts, lines)):
+        assert line["token_ids"] == reference_generate(model, p, 3 + i, stop_token_ids=(2,))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt-ids", "1,2,x"], "expected comma-separated integers"),
+        (["--prompt-ids", "1,300"], "expected ids in [0, 256), found [300]"),
+        (["--prompt-ids", ","], "empty prompt"),
+        (["--prompt-ids", "1", "--max-new-tokens", "5000"], "exceeds the maximum sequence length 4096"),
+        ([], "exactly one of --prompt-ids or --prompts-file"),
+    ],
+)
+def test_generate_bad_requests(tmp_path, args, message):
+    hf = tmp_path / "hf"
+    run("synth", "--preset", "tiny", "--out", hf)
+    assert message in run("generate", hf, *args, ok=False).output
+
+
+def test_bad_prompts_file_names_the_line(tmp_path):
+    hf = tmp_path / "hf"
+    run("synth", "--preset", "tiny", "--out", hf)
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt_ids": [1]}\n{"prompt_ids": [1, 2\n')
+    assert f"{f}:2: not valid JSON" in run("generate", hf, "--prompts-file", f, ok=False).output
+
+
+def test_convert_errors_are_one_line(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "pytorch_model.bin").write_bytes(b"x")
+    out = run("convert", tmp_path / "bad", tmp_path / "out", ok=False).output
+    assert "Error:" in out and "config.json" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_shard_size(tmp_path):
+    assert "expected a size such as" in run("synth", "--preset", "tiny", "--out", tmp_path / "x", "--max-shard-size", "big", ok=False).output
