@@ -46,8 +46,8 @@ class BlockManager:
         # makes tests exercise reuse).
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self.ref_counts = np.zeros(num_blocks, dtype=np.int32)
-        # block_tables[seq_id, i] = physical block of logical block i; entries past num_seq_blocks are padding (0),
-        # never read by a correct kernel because they lie beyond the sequence's context.
+        # block_tables[seq_id, i] = physical block of logical block i; entries past num_seq_blocks are stale
+        # padding, never read by a correct kernel because they lie beyond the sequence's context.
         self.block_tables = np.zeros((max_seqs, max_blocks_per_seq), dtype=np.int32)
         self.num_seq_blocks = np.zeros(max_seqs, dtype=np.int32)
         self._live = np.zeros(max_seqs, dtype=bool)

@@ -14,7 +14,9 @@ Running sequences never exceed max_batch_size, so every running sequence decodes
 
 A sequence uses its state slot as its row in the BlockManager's block-table matrix (see cache.py), so
 block_tables for the step is one numpy gather. The StepBatch's tensors are views of buffers preallocated for
-max_num_tokens / max_batch_size: valid until the next step.
+max_num_tokens / max_batch_size: valid until the next step. In block_tables, entries past a sequence's own
+blocks are padding with unspecified values: a kernel reads only logical blocks below ceil((context_len + n) /
+block_size).
 """
 
 from __future__ import annotations
@@ -312,7 +314,12 @@ class Scheduler:
             seqlens[b] = n
             t += n
         np.cumsum(seqlens[:num_seqs], out=self._cu_seqlens[1: num_seqs + 1])
-        np.take(self.blocks.block_tables, slots[:num_seqs], axis=0, out=self._block_tables[:num_seqs])
+        # Copy only the columns some sequence of this step uses; the rest of each row is padding that no kernel
+        # reads (it lies past the sequence's context), so stale values there are harmless and save the copy of
+        # a full max_seq_len-wide table per step.
+        width = int(self.blocks.num_seq_blocks[slots[:num_seqs]].max())
+        np.take(self.blocks.block_tables[:, :width], slots[:num_seqs], axis=0,
+                out=self._block_tables[:num_seqs, :width])
         v = self._t
         return StepBatch(input_ids=v["input_ids"][:t], positions=v["positions"][:t],
                          cu_seqlens=v["cu_seqlens"][: num_seqs + 1], context_lens=v["context_lens"][:num_seqs],
