@@ -68,7 +68,7 @@ def _online_softmax_step(acc, m_i, l_i, s, v):
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p, v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
 
 
@@ -147,8 +147,9 @@ def paged_attention_kernel(
     row_valid = (rows < TOKENS_PER_TILE * QG) & (q_tok < seqlen)
     q_head = kvh * QG + rows % QG
     q_offs = ((start + q_tok).to(tl.int64) * HQ + q_head)[:, None] * HEAD_DIM + offs_d[None, :]
-    q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    q = q * (SCALE * 1.4426950408889634)  # log2(e): softmax with exp2
+    # q stays in its dtype: for bf16 models both matmuls run on bf16 tensor cores with fp32 accumulation.
+    q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & dmask[None, :], other=0.0)
+    qk_scale = SCALE * 1.4426950408889634  # log2(e): softmax with exp2
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -162,9 +163,9 @@ def paged_attention_kernel(
         blk = tl.load(block_tables_ptr + b * max_blocks + pos // block_size, mask=pmask, other=0).to(tl.int64)
         row_off = (blk * block_size + pos % block_size) * kv_stride_tok + kvh * HEAD_DIM
         m_kv = pmask[:, None] & dmask[None, :]
-        k = tl.load(kv_cache_ptr + row_off[:, None] + offs_d[None, :], mask=m_kv, other=0.0).to(tl.float32)
-        v = tl.load(kv_cache_ptr + v_cache_off + row_off[:, None] + offs_d[None, :], mask=m_kv, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k))
+        k = tl.load(kv_cache_ptr + row_off[:, None] + offs_d[None, :], mask=m_kv, other=0.0).to(q.dtype)
+        v = tl.load(kv_cache_ptr + v_cache_off + row_off[:, None] + offs_d[None, :], mask=m_kv, other=0.0).to(q.dtype)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(pmask[None, :], s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v)
 
@@ -175,9 +176,10 @@ def paged_attention_kernel(
         jmask = j < hi_new
         src_j = (start + j).to(tl.int64) * kv_stride_tok + kvh * HEAD_DIM
         m_kv = jmask[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + src_j[:, None] + offs_d[None, :], mask=m_kv, other=0.0).to(kv_cache_ptr.dtype.element_ty).to(tl.float32)
-        v = tl.load(v_ptr + src_j[:, None] + offs_d[None, :], mask=m_kv, other=0.0).to(kv_cache_ptr.dtype.element_ty).to(tl.float32)
-        s = tl.dot(q, tl.trans(k))
+        # rounded through the cache dtype, as if read back from the cache (what the reference does)
+        k = tl.load(k_ptr + src_j[:, None] + offs_d[None, :], mask=m_kv, other=0.0).to(kv_cache_ptr.dtype.element_ty).to(q.dtype)
+        v = tl.load(v_ptr + src_j[:, None] + offs_d[None, :], mask=m_kv, other=0.0).to(kv_cache_ptr.dtype.element_ty).to(q.dtype)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
         visible = jmask[None, :] & (j[None, :] <= q_tok[:, None])
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v)

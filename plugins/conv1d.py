@@ -109,7 +109,12 @@ def causal_conv1d_kernel(
     S: tl.constexpr = K - 1
     cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < conv_dim
-    state_row = slot * conv_dim * S + cols.to(tl.int64) * S  # (BLOCK_C,) offset of each channel's history
+    # 64-bit scalar bases, 32-bit vector offsets (num_tokens * conv_dim < 2**31): half the address registers.
+    state_slot_ptr = conv_state_ptr + slot * conv_dim * S
+    state_slot_out_ptr = conv_state_out_ptr + slot * conv_dim * S
+    x_seq_ptr = x_ptr + start.to(tl.int64) * conv_dim
+    out_seq_ptr = out_ptr + start.to(tl.int64) * conv_dim
+    state_row = cols * S  # (BLOCK_C,) offset of each channel's history in the slot
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -121,11 +126,11 @@ def causal_conv1d_kernel(
     sp = seqlen - S + si  # position (in this step's tokens) of new-state entry si; < 0 => from the old history
     smask = (si < S)[None, :] & cmask[:, None]
     new_x = tl.load(
-        x_ptr + (start + sp)[None, :].to(tl.int64) * conv_dim + cols[:, None],
+        x_seq_ptr + sp[None, :] * conv_dim + cols[:, None],
         mask=smask & (sp >= 0)[None, :], other=0.0,
     ).to(tl.float32)
     new_h = tl.load(
-        conv_state_ptr + state_row[:, None] + (S + sp)[None, :],
+        state_slot_ptr + state_row[:, None] + (S + sp)[None, :],
         mask=smask & ((sp < 0) & (S + sp >= hist_lo))[None, :], other=0.0,
     ).to(tl.float32)
     new_state = new_x + new_h
@@ -135,22 +140,22 @@ def causal_conv1d_kernel(
         tmask = t < seqlen
         acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32) + bias[None, :]
         for j in tl.static_range(K):
-            w = tl.load(weight_ptr + cols * K + j, mask=cmask, other=0.0).to(tl.float32)
+            w = tl.load(weight_ptr + cols * K + j, mask=cmask, other=0.0).to(tl.float32)  # L1-resident
             p = t + (j - S)  # input position read by tap j for output t; < 0 => history entry S + p
             m2 = tmask[:, None] & cmask[None, :]
             xv = tl.load(
-                x_ptr + (start + p)[:, None].to(tl.int64) * conv_dim + cols[None, :],
+                x_seq_ptr + p[:, None] * conv_dim + cols[None, :],
                 mask=m2 & (p >= 0)[:, None], other=0.0,
             ).to(tl.float32)
             hv = tl.load(
-                conv_state_ptr + state_row[None, :] + (S + p)[:, None],
+                state_slot_ptr + state_row[None, :] + (S + p)[:, None],
                 mask=m2 & ((p < 0) & (S + p >= hist_lo))[:, None], other=0.0,
             ).to(tl.float32)
             acc += (xv + hv) * w[None, :]
         if SILU:
             acc = acc * tl.sigmoid(acc)
         tl.store(
-            out_ptr + (start + t)[:, None].to(tl.int64) * conv_dim + cols[None, :],
+            out_seq_ptr + t[:, None] * conv_dim + cols[None, :],
             acc.to(out_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :],
         )
 
@@ -158,6 +163,6 @@ def causal_conv1d_kernel(
     tl.debug_barrier()
     n_write = tl.where(seqlen > 0, S, 0)  # an empty sequence leaves its slot untouched, as the reference does
     tl.store(
-        conv_state_out_ptr + state_row[:, None] + si[None, :],
+        state_slot_out_ptr + state_row[:, None] + si[None, :],
         new_state.to(conv_state_out_ptr.dtype.element_ty), mask=(si < n_write)[None, :] & cmask[:, None],
     )

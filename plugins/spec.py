@@ -259,7 +259,7 @@ CAUSAL_CONV1D = OpSpec(
             scalars=(("conv_dim", dim("x", 1)),),
             constexprs=lambda c: dict(
                 K=c.dim("weight", 1), HAS_BIAS=c.present["bias"], SILU=c.attrs["activation"],
-                BLOCK_T=32, BLOCK_C=64, BLOCK_S=max(2, _pow2(c.dim("weight", 1) - 1)),
+                BLOCK_T=8, BLOCK_C=64, BLOCK_S=max(2, _pow2(c.dim("weight", 1) - 1)),
             ),
             doc="prefill chunks and decode tokens alike: one program per sequence x 64 channels",
         ),
@@ -279,7 +279,7 @@ def ssd_kernel_chunk(chunk_size: int, d_state: int) -> int:
     """The chunked kernel's chunk length: the model's chunk_size capped where the per-program tiles
     (chunk x d_state for B and C, plus the state) would spill registers; at least 16 (tl.dot's minimum).
     The scan's result does not depend on it (the chunked form equals the recurrence for any chunk length)."""
-    cap = 64 if d_state <= 64 else 32
+    cap = 64 if d_state <= 64 else 16  # for d_state 256: no register spill on sm_90 in fp32 and bf16
     return max(16, min(cap, _pow2(chunk_size)))
 
 
@@ -323,9 +323,10 @@ SSD = OpSpec(
             grid=_SSD_GRID,
             constexprs=lambda c: dict(
                 _ssd_common(c), BLOCK_T=ssd_kernel_chunk(c.attrs["chunk_size"], c.dim("B", 2)),
-                BLOCK_P=min(32, _pow2(c.dim("x", 2))),
+                BLOCK_P=min(16 if c.dim("B", 2) > 64 else 32, _pow2(c.dim("x", 2))),
             ),
             num_warps=lambda k: 8 if k["BLOCK_N"] >= 128 else 4,
+            num_stages=1,  # software pipelining would double the live B/C/x tiles and spill
             doc="any batch (prefill chunks, decode tokens, mixed)",
         ),
         KernelSpec(
@@ -387,14 +388,16 @@ def _bind_attn(q, k, v, kv_cache, block_tables, cu_seqlens, context_lens, scale=
                  context_lens=context_lens), dict(scale=float(scale) if scale is not None else 0.0))
 
 
-def _attn_constexprs(block_m: int) -> Callable[[KernelContext], dict[str, Any]]:
+def _attn_constexprs(block_m: int, block_n: int) -> Callable[[KernelContext], dict[str, Any]]:
     def make(c: KernelContext) -> dict[str, Any]:
         hq, hkv, d = c.dim("q", 1), c.dim("k", 1), c.dim("q", 2)
         qg = hq // hkv
         bm = max(block_m, _pow2(qg))
         scale = c.attrs["scale"] or d**-0.5
+        # fp32 operands take twice the registers: halve the key tile (and for heads wider than 128)
+        bn = block_n // (2 if c.dtypes["q"] == "float32" else 1) // (2 if d > 128 else 1)
         return dict(HQ=hq, HKV=hkv, HEAD_DIM=d, SCALE=float(scale), TOKENS_PER_TILE=bm // qg,
-                    BLOCK_TT=_pow2(bm // qg), BLOCK_M=bm, BLOCK_N=64 if d <= 128 else 32, BLOCK_D=max(16, _pow2(d)))
+                    BLOCK_TT=_pow2(bm // qg), BLOCK_M=bm, BLOCK_N=max(16, bn), BLOCK_D=max(16, _pow2(d)))
     return make
 
 
@@ -419,9 +422,10 @@ PAGED_ATTENTION = OpSpec(
     bind=_bind_attn,
     kernels=(
         KernelSpec(name="prefill", fn=attention.paged_attention_kernel, grid=_ATTN_GRID, scalars=_ATTN_SCALARS,
-                   constexprs=_attn_constexprs(64), doc="any batch; 64 (token, head) rows per program"),
+                   constexprs=_attn_constexprs(64, 32), num_warps=lambda k: 8,
+                   doc="any batch; 64 (token, head) rows per program"),
         KernelSpec(name="decode", fn=attention.paged_attention_kernel, grid=_ATTN_GRID, scalars=_ATTN_SCALARS,
-                   constexprs=_attn_constexprs(16),
+                   constexprs=_attn_constexprs(16, 32), num_warps=lambda k: 4,
                    doc="any batch; 16 rows per program, chosen when num_tokens == num_seqs"),
     ),
     select=lambda s: "decode" if s["q"][0] == s["context_lens"][0] else "prefill",

@@ -226,42 +226,51 @@ def ssd_chunked_kernel(
     if HAS_D:
         Dh = tl.load(D_ptr + h).to(tl.float32)
 
-    state_offs = ((slot * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]
+    # 64-bit scalar bases, 32-bit vector offsets (num_tokens * H * P < 2**31): half the address registers.
+    state_base = (slot * H + h) * P * N
+    state_offs = offs_p[:, None] * N + offs_n[None, :]
     smask = pmask[:, None] & nmask[None, :]
     p_lo = tl.where(ctx > 0, 0, P)  # context_len 0: a zero initial state whatever the slot holds
-    state = tl.load(ssm_state_ptr + state_offs, mask=smask & (offs_p >= p_lo)[:, None], other=0.0).to(tl.float32)
+    state = tl.load(ssm_state_ptr + state_base + state_offs, mask=smask & (offs_p >= p_lo)[:, None], other=0.0).to(tl.float32)
+    x_base = x_ptr + start.to(tl.int64) * H * P + h * P
+    y_base = y_ptr + start.to(tl.int64) * H * P + h * P
+    B_base = B_ptr + start.to(tl.int64) * G * N + g * N
+    C_base = C_ptr + start.to(tl.int64) * G * N + g * N
+    dt_base = dt_ptr + start.to(tl.int64) * H + h
 
     for t0 in range(0, seqlen, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         tmask = t < seqlen
-        tok = (start + t).to(tl.int64)
-        dt = _dt_transform(tl.load(dt_ptr + tok * H + h, mask=tmask, other=0.0).to(tl.float32), dt_bias, DT_MIN, DT_MAX)
+        dt = _dt_transform(tl.load(dt_base + t * H, mask=tmask, other=0.0).to(tl.float32), dt_bias, DT_MIN, DT_MAX)
         dt = tl.where(tmask, dt, 0.0)  # padding tokens: no decay (exp(0) = 1) and no input
         a_cum = tl.cumsum(dt * A, axis=0)  # (BLOCK_T,)
         a_last = tl.sum(dt * A, axis=0)
 
-        x = tl.load(x_ptr + (tok[:, None] * H + h) * P + offs_p[None, :], mask=tmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
-        bc_offs = (tok[:, None] * G + g) * N + offs_n[None, :]
+        xp_mask = tmask[:, None] & pmask[None, :]
+        x = tl.load(x_base + t[:, None] * (H * P) + offs_p[None, :], mask=xp_mask, other=0.0).to(tl.float32)
+        bc_offs = t[:, None] * (G * N) + offs_n[None, :]
         bc_mask = tmask[:, None] & nmask[None, :]
-        Bm = tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0).to(tl.float32)
-        Cm = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0).to(tl.float32)
+        # B and C stay in their input dtype: C @ B^T runs on bf16 tensor cores for bf16 models (fp32 accumulate).
+        Bm = tl.load(B_base + bc_offs, mask=bc_mask, other=0.0)
+        Cm = tl.load(C_base + bc_offs, mask=bc_mask, other=0.0)
         xdt = x * dt[:, None]
 
-        y = tl.dot(Cm, tl.trans(state)) * tl.exp(a_cum)[:, None]  # (T, P)
-        CB = tl.dot(Cm, tl.trans(Bm))  # (T, T)
+        y = tl.dot(Cm.to(tl.float32), tl.trans(state)) * tl.exp(a_cum)[:, None]  # (T, P), fp32 state (tf32 MMA)
+        CB = tl.dot(Cm, tl.trans(Bm)).to(tl.float32)  # (T, T)
         causal = t[:, None] >= t[None, :]
         seg = tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf"))
         y += tl.dot(CB * tl.exp(seg), xdt)
         if HAS_D:
             y += Dh * x
-        tl.store(y_ptr + (tok[:, None] * H + h) * P + offs_p[None, :], y.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & pmask[None, :])
+        tl.store(y_base + t[:, None] * (H * P) + offs_p[None, :], y.to(y_ptr.dtype.element_ty), mask=xp_mask)
 
         decay = tl.exp(a_last - a_cum)  # (T,)
-        state = state * tl.exp(a_last) + tl.dot(tl.trans(xdt * decay[:, None]), Bm)  # (P, N)
+        state = state * tl.exp(a_last) + tl.dot(tl.trans(xdt * decay[:, None]), Bm.to(tl.float32))  # (P, N)
 
     tl.debug_barrier()  # the old state was read above; now overwrite it in place
     n_write = tl.where(seqlen > 0, P, 0)  # an empty sequence leaves its slot untouched
-    tl.store(ssm_state_out_ptr + state_offs, state.to(ssm_state_out_ptr.dtype.element_ty), mask=smask & (offs_p < n_write)[:, None])
+    tl.store(ssm_state_out_ptr + state_base + state_offs, state.to(ssm_state_out_ptr.dtype.element_ty),
+             mask=smask & (offs_p < n_write)[:, None])
 
 
 @triton.jit
@@ -304,10 +313,11 @@ def ssd_recurrent_kernel(
     if HAS_D:
         Dh = tl.load(D_ptr + h).to(tl.float32)
 
-    state_offs = ((slot * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]
+    state_base = (slot * H + h) * P * N
+    state_offs = offs_p[:, None] * N + offs_n[None, :]
     smask = pmask[:, None] & nmask[None, :]
     p_lo = tl.where(ctx > 0, 0, P)
-    state = tl.load(ssm_state_ptr + state_offs, mask=smask & (offs_p >= p_lo)[:, None], other=0.0).to(tl.float32)
+    state = tl.load(ssm_state_ptr + state_base + state_offs, mask=smask & (offs_p >= p_lo)[:, None], other=0.0).to(tl.float32)
 
     for i in range(0, seqlen):
         tok = (start + i).to(tl.int64)
@@ -323,4 +333,5 @@ def ssd_recurrent_kernel(
 
     tl.debug_barrier()
     n_write = tl.where(seqlen > 0, P, 0)
-    tl.store(ssm_state_out_ptr + state_offs, state.to(ssm_state_out_ptr.dtype.element_ty), mask=smask & (offs_p < n_write)[:, None])
+    tl.store(ssm_state_out_ptr + state_base + state_offs, state.to(ssm_state_out_ptr.dtype.element_ty),
+             mask=smask & (offs_p < n_write)[:, None])
