@@ -4,10 +4,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import VARIANTS, build_hf_checkpoint, variant_config  # noqa: E402
+
+# The test models are tiny: intra-op threads only add overhead (and thrash on a 2-core CI machine).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

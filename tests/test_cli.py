@@ -58,20 +58,36 @@ def test_prompts_file_keeps_input_order(tmp_path):
         assert line["token_ids"] == reference_generate(model, p, 3 + i, stop_token_ids=(2,))
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--prompt-ids", "1,2,x"], "expected comma-separated integers"),
-        (["--prompt-ids", "1,300"], "expected ids in [0, 256), found [300]"),
-        (["--prompt-ids", ","], "empty prompt"),
-        (["--prompt-ids", "1", "--max-new-tokens", "5000"], "exceeds the maximum sequence length 4096"),
+        (["--prompt-ids", "1,300"], "expected token ids in [0, vocab_size=256), found 300 at position 1"),
+        (["--prompt-ids", ","], "expected at least 1 token, found an empty prompt"),
+        (["--prompt-ids", "1", "--max-new-tokens", "5000"], "= 5001 tokens, expected at most max_seq_len=4096"),
         ([], "exactly one of --prompt-ids or --prompts-file"),
     ],
 )
-def test_generate_bad_requests(tmp_path, args, message):
+def test_generate_bad_requests(tmp_path, args, message, backend):
     hf = tmp_path / "hf"
     run("synth", "--preset", "tiny", "--out", hf)
-    assert message in run("generate", hf, *args, ok=False).output
+    assert message in run("generate", hf, "--backend", backend, *args, ok=False).output
+
+
+def test_one_bad_prompt_does_not_stop_the_others(tmp_path):
+    hf = tmp_path / "hf"
+    run("synth", "--preset", "tiny", "--out", hf, "--dtype", "fp32")
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt_ids": [4, 5]}\n{"prompt_ids": [1, 999]}\n{"prompt_ids": [], "max_new_tokens": 2}\n'
+                 '{"prompt_ids": [7], "max_new_tokens": 3}\n')
+    r = CliRunner().invoke(main, ["generate", str(hf), "--prompts-file", str(f), "--json", "--max-new-tokens", "4",
+                               "--ignore-eos"])
+    assert r.exit_code == 1
+    lines = [json.loads(x) for x in r.output.strip().splitlines()]
+    assert [x["index"] for x in lines] == [0, 1, 2, 3]
+    assert "found 999" in lines[1]["error"] and "empty prompt" in lines[2]["error"]
+    assert len(lines[0]["token_ids"]) == 4 and len(lines[3]["token_ids"]) == 3
 
 
 def test_bad_prompts_file_names_the_line(tmp_path):

@@ -136,49 +136,148 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str, max_shard_size: str, overwr
 
 
 # ------------------------------------------------------------------------------------------------------ generate
+def runtime_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by every command that runs the runtime (generate, bench)."""
+    opts = [
+        click.option("--max-batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+                     help="Sequences per step (in-flight batch), also the number of Mamba state slots."),
+        click.option("--max-num-tokens", default=512, show_default=True, type=click.IntRange(min=1),
+                     help="Tokens per step: decode tokens + prefill chunks."),
+        click.option("--max-seq-len", default=None, type=click.IntRange(min=2),
+                     help="Prompt + output limit per request [default: the model's, capped at 4096 on CPU]."),
+        click.option("--block-size", default=16, show_default=True, type=click.IntRange(min=1),
+                     help="Tokens per paged-KV block."),
+        click.option("--num-blocks", default=None, type=click.IntRange(min=1),
+                     help="KV blocks in the pool [default: every sequence at full length]. Fewer forces preemption."),
+        click.option("--ssm-state-dtype", "ssm_dtype", type=click.Choice(["fp32", "bf16"]), default="fp32",
+                     show_default=True, help="Dtype of the Mamba SSM state pool."),
+        click.option("--kernels", type=click.Choice(["auto", "reference", "triton"]), default="auto",
+                     show_default=True,
+                     help="Plugin ops: Triton kernels (CUDA; Triton's interpreter on CPU, slow) or torch references. "
+                          "auto = triton on CUDA, reference on CPU."),
+        click.option("--device", default="cpu", show_default=True, help="torch device of the torch backend."),
+        click.option("--dtype", type=DTYPE_CHOICE, default=None,
+                     help="Compute dtype [default: the checkpoint's; fp32 for an HF checkpoint]."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _runtime_opts(kw: dict[str, Any]):
+    from trtfalcon.runtime.backends import RuntimeOptions
+
+    keys = ("max_batch_size", "max_num_tokens", "max_seq_len", "block_size", "num_blocks", "ssm_dtype", "kernels",
+            "device", "dtype")
+    opts = RuntimeOptions(**{k: kw.pop(k) for k in keys})
+    if opts.max_num_tokens < opts.max_batch_size:
+        raise click.BadParameter(
+            f"must be at least --max-batch-size ({opts.max_batch_size}), found {opts.max_num_tokens}",
+            param_hint="--max-num-tokens",
+        )
+    return opts
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--prompt-ids", help="Comma-separated prompt token ids, e.g. 1,2,3.")
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help='JSONL, one {"prompt_ids": [...], "max_new_tokens": N} per line; run in flight together.')
-@click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(min=1))
+              help='JSONL, one {"prompt_ids": [...], "max_new_tokens": N} per line; all run in flight together.')
+@click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Default for prompts that do not set their own.")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 = greedy.")
-@click.option("--seed", default=0, show_default=True, help="Sampling seed (per request).")
-@click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Compute dtype [default: the checkpoint's; fp32 for HF].")
-@click.option("--backend", type=click.Choice(["reference"]), default="reference", show_default=True,
-              help="reference: the unbatched oracle model.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0.0, max=1.0, min_open=True))
+@click.option("--seed", default=0, show_default=True, help="Sampling seed; prompt i uses seed + i.")
+@click.option("--logprobs", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Return the top-k log-probs of each generated token.")
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at the model's EOS token.")
+@click.option("--backend", type=click.Choice(["torch", "reference"]), default="torch", show_default=True,
+              help="torch: the in-flight-batching runtime; reference: the unbatched oracle model, one prompt at a time.")
+@runtime_options
 @click.option("--json", "as_json", is_flag=True, help='One JSON object per prompt: {"token_ids": [...], ...}.')
 @handle_errors
-def generate(
-    checkpoint: Path, prompt_ids: str | None, prompts_file: Path | None, max_new_tokens: int, temperature: float,
-    seed: int, dtype: str | None, backend: str, as_json: bool,
-) -> None:
+def generate(checkpoint: Path, prompt_ids: str | None, prompts_file: Path | None, max_new_tokens: int,
+             temperature: float, top_k: int, top_p: float, seed: int, logprobs: int, ignore_eos: bool, backend: str,
+             as_json: bool, **kw: Any) -> None:
     """Generate tokens for one or many prompts.
 
     CHECKPOINT is a deploy checkpoint (from `convert`) or a Hugging Face checkpoint (converted in memory).
+    With --prompts-file every prompt runs in flight together (in-flight batching, chunked prefill, paged KV
+    cache); results print in input order. A prompt that cannot be served (ids outside the vocab, too long) gets
+    its own error line while the others complete; the exit code is then 1.
 
     \b
     Examples:
       trtfalcon generate runs/tiny-deploy --prompt-ids 1,2,3 --max-new-tokens 8 --json
-      trtfalcon generate runs/tiny-deploy --prompts-file prompts.jsonl --json
+      trtfalcon generate runs/tiny-deploy --prompts-file prompts.jsonl --max-batch-size 8 --json
     """
+    from trtfalcon.runtime.prompts import load_prompts
+
+    opts = _runtime_opts(kw)
+    prompts = load_prompts(prompt_ids, prompts_file, max_new_tokens)
+    if backend == "reference":
+        results = _generate_reference(checkpoint, prompts, opts, temperature, seed, ignore_eos)
+    else:
+        from trtfalcon.runtime.backends import create_executor
+        from trtfalcon.runtime.llm import LLMEngine
+        from trtfalcon.runtime.request import Request, SamplingParams
+
+        executor, cfg = create_executor(backend, checkpoint, opts)
+        engine = LLMEngine(executor, max_batch_size=opts.max_batch_size, max_num_tokens=opts.max_num_tokens,
+                           max_seq_len=opts.resolved_max_seq_len(cfg), eos_token_ids=cfg.eos_token_id, seed=seed)
+        requests = [
+            Request(str(i), p.prompt_ids, SamplingParams(
+                max_new_tokens=p.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + i,
+                ignore_eos=ignore_eos, logprobs=logprobs))
+            for i, p in enumerate(prompts)
+        ]
+        results = []
+        for o in engine.generate(requests):
+            r: dict[str, Any] = {"token_ids": o.token_ids, "finish_reason": o.finish_reason}
+            if o.error:
+                r["error"] = o.error
+            if o.logprobs is not None:
+                r["logprobs"] = [
+                    {"token_id": lp.token_id, "logprob": lp.logprob, "top_ids": lp.top_ids,
+                     "top_logprobs": lp.top_logprobs} for lp in o.logprobs
+                ]
+            results.append(r)
+    failed = 0
+    for i, (p, r) in enumerate(zip(prompts, results)):
+        failed += "error" in r
+        if as_json:
+            click.echo(json.dumps({"index": i, "prompt_ids": p.prompt_ids, **r}))
+        elif "error" in r:
+            click.echo(f"error: {r['error']}", err=True)
+        else:
+            click.echo(",".join(map(str, r["token_ids"])))
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+def _generate_reference(checkpoint: Path, prompts, opts, temperature: float, seed: int, ignore_eos: bool):
+    from trtfalcon.errors import RequestError
     from trtfalcon.model.generate import reference_generate
     from trtfalcon.model.reference import ReferenceModel
     from trtfalcon.model.weights import load_weights
-    from trtfalcon.runtime.prompts import load_prompts
+    from trtfalcon.runtime.prompts import check_servable
 
-    weights = load_weights(checkpoint, dtype)
+    weights = load_weights(checkpoint, opts.dtype)
     cfg = weights.config
-    prompts = load_prompts(prompt_ids, prompts_file, max_new_tokens, cfg.vocab_size, cfg.max_position_embeddings)
     model = ReferenceModel(weights)
+    results = []
     for i, p in enumerate(prompts):
-        tokens = reference_generate(
-            model, p.prompt_ids, p.max_new_tokens, temperature=temperature, seed=seed, stop_token_ids=cfg.eos_token_id,
-        )
-        if as_json:
-            click.echo(json.dumps({"index": i, "prompt_ids": p.prompt_ids, "token_ids": tokens}))
-        else:
-            click.echo(",".join(map(str, tokens)))
+        try:
+            check_servable(p, cfg.vocab_size, opts.resolved_max_seq_len(cfg), f"request {i}")
+        except RequestError as e:
+            results.append({"token_ids": [], "finish_reason": "error", "error": str(e)})
+            continue
+        tokens = reference_generate(model, p.prompt_ids, p.max_new_tokens, temperature=temperature, seed=seed + i,
+                                    stop_token_ids=() if ignore_eos else cfg.eos_token_id)
+        stopped = bool(tokens) and tokens[-1] in cfg.eos_token_id and not ignore_eos
+        results.append({"token_ids": tokens, "finish_reason": "stop" if stopped else "length"})
+    return results
 
 
 # ------------------------------------------------------------------------------------------------------ helpers

@@ -1,4 +1,9 @@
-"""Prompts from the command line or a JSONL file, validated at the boundary (ids, lengths, types)."""
+"""Prompts from the command line or a JSONL file.
+
+Parsing here checks structure (JSON, integer lists); whether a prompt can be served (ids inside the vocab, length
+within max_seq_len) is the runtime's call (Scheduler.add), so that one bad request ends with its own error while
+the others run. `check_servable` is the same check for the unbatched reference backend.
+"""
 
 from __future__ import annotations
 
@@ -23,32 +28,38 @@ def parse_ids(text: str, where: str) -> list[int]:
     return ids
 
 
-def validate_prompt(ids: object, max_new_tokens: object, vocab_size: int, max_seq_len: int, where: str) -> Prompt:
+def parse_prompt(ids: object, max_new_tokens: object, where: str) -> Prompt:
     if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise RequestError(f"{where}: prompt_ids: expected a list of integers, found {ids!r:.80}")
-    if not ids:
-        raise RequestError(f"{where}: prompt_ids: expected at least one token, found an empty prompt")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise RequestError(f"{where}: prompt_ids: expected ids in [0, {vocab_size}), found {bad[:5]}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise RequestError(f"{where}: max_new_tokens: expected a positive integer, found {max_new_tokens!r}")
-    if len(ids) + max_new_tokens > max_seq_len:
-        raise RequestError(
-            f"{where}: prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the maximum sequence "
-            f"length {max_seq_len}"
-        )
     return Prompt(ids, max_new_tokens)
 
 
-def load_prompts(
-    prompt_ids: str | None, prompts_file: Path | None, default_max_new_tokens: int, vocab_size: int, max_seq_len: int,
-) -> list[Prompt]:
+def check_servable(p: Prompt, vocab_size: int, max_seq_len: int, where: str) -> None:
+    ids, max_new_tokens = p.prompt_ids, p.max_new_tokens
+    if not ids:
+        raise RequestError(f"{where}: prompt_ids: expected at least 1 token, found an empty prompt")
+    bad = [(i, t) for i, t in enumerate(ids) if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(
+            f"{where}: prompt_ids: expected token ids in [0, vocab_size={vocab_size}), found {bad[0][1]} "
+            f"at position {bad[0][0]}"
+        )
+    total = len(ids) + max_new_tokens
+    if total > max_seq_len:
+        raise RequestError(
+            f"{where}: prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens, "
+            f"expected at most max_seq_len={max_seq_len}"
+        )
+
+
+def load_prompts(prompt_ids: str | None, prompts_file: Path | None, default_max_new_tokens: int) -> list[Prompt]:
     if (prompt_ids is None) == (prompts_file is None):
         raise RequestError("give exactly one of --prompt-ids or --prompts-file")
     if prompt_ids is not None:
         ids = parse_ids(prompt_ids, "--prompt-ids")
-        return [validate_prompt(ids, default_max_new_tokens, vocab_size, max_seq_len, "--prompt-ids")]
+        return [parse_prompt(ids, default_max_new_tokens, "--prompt-ids")]
     assert prompts_file is not None
     prompts = []
     for lineno, line in enumerate(prompts_file.read_text().splitlines(), 1):
@@ -61,9 +72,7 @@ def load_prompts(
             raise RequestError(f"{where}: not valid JSON ({e.msg})") from e
         if not isinstance(obj, dict) or "prompt_ids" not in obj:
             raise RequestError(f'{where}: expected an object like {{"prompt_ids": [1, 2], "max_new_tokens": 8}}')
-        prompts.append(
-            validate_prompt(obj["prompt_ids"], obj.get("max_new_tokens", default_max_new_tokens), vocab_size, max_seq_len, where)
-        )
+        prompts.append(parse_prompt(obj["prompt_ids"], obj.get("max_new_tokens", default_max_new_tokens), where))
     if not prompts:
         raise RequestError(f"{prompts_file}: no prompts found")
     return prompts

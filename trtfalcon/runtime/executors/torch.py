@@ -1,0 +1,75 @@
+"""The torch executor: runs the engine I/O contract with the ragged-batch model (trtfalcon.model.layers).
+
+On CPU it uses the torch references of the plugin ops; on CUDA the same code runs the Triton kernels.
+`kernels="triton"` on a CPU runs those kernels in Triton's interpreter (slow; for verification).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from trtfalcon.model.layers import FalconH1Model
+from trtfalcon.model.weights import DeployWeights
+from trtfalcon.plugins.ops import get_ops
+from trtfalcon.runtime.contract import CacheSpec, StepBatch
+
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_kernels(kernels: str, device: torch.device) -> str:
+    """'auto' -> Triton kernels on CUDA, torch references elsewhere."""
+    if kernels == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if kernels == "triton" and device.type == "cpu":
+        # Triton runs on CPU tensors only in its interpreter; it reads this variable when a kernel is launched.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return kernels
+
+
+
+class TorchExecutor:
+    def __init__(
+        self,
+        weights: DeployWeights,
+        *,
+        num_blocks: int,
+        block_size: int,
+        num_slots: int,
+        device: str | torch.device = "cpu",
+        kernels: str = "auto",
+        kv_dtype: str | None = None,
+        ssm_dtype: str = "fp32",
+        conv_dtype: str | None = None,
+    ):
+        self.device = torch.device(device)
+        self.kernels = resolve_kernels(kernels, self.device)
+        model_dtype = {v: k for k, v in STATE_DTYPES.items()}[weights.dtype]
+        self.cache_spec = CacheSpec.for_model(
+            weights.config, num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
+            kv_dtype=STATE_DTYPES[kv_dtype or model_dtype], conv_dtype=STATE_DTYPES[conv_dtype or model_dtype],
+            ssm_dtype=STATE_DTYPES[ssm_dtype],
+        )
+        self.model = FalconH1Model(weights.to(self.device), get_ops(self.kernels))
+        self.vocab_size = weights.config.vocab_size
+        self.pools = self.cache_spec.allocate(self.device)
+        self._num_layers = weights.config.num_hidden_layers
+
+    def execute(self, batch: StepBatch) -> torch.Tensor:
+        return self.model.forward(batch.to(self.device), self.pools)
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        for i in range(self._num_layers):
+            for kind in ("conv_state", "ssm_state"):
+                pool = self.pools[f"{kind}.{i}"]
+                pool[dst].copy_(pool[src])
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        for i in range(self._num_layers):
+            pool = self.pools[f"kv_cache.{i}"]
+            pool[:, dst] = pool[:, src]
