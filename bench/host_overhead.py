@@ -94,8 +94,8 @@ def main() -> None:
                          max_num_tokens=2048))
     rows.append(run_case("DeepConf sampling, CPU", batch=64, vocab=full, isl=128, osl=long_osl, steps=20,
                          max_num_tokens=2048, params=SamplingParams(temperature=0.6, top_p=0.95, logprobs=20)))
-    cols = ["case", "batch", "vocab", "steps", "mean_seqs", "mean_tokens", "schedule_us", "build_us", "sample_us", "host_us",
-            "host_p50_us", "host_p99_us"]
+    cols = ["case", "batch", "vocab", "steps", "mean_seqs", "mean_tokens", "schedule_us", "build_us", "sample_us",
+            "host_us", "host_p50_us", "host_p99_us"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; microseconds per step (mean unless p50/p99)")
     print(" | ".join(f"{c:>26}" if c == "case" else f"{c:>11}" for c in cols))
     for r in rows:

@@ -37,13 +37,17 @@ def test_bad_requests_are_rejected_with_clear_errors_and_the_rest_complete():
     good = [Request(f"ok{i}", [i + 1, 2, 3], SamplingParams(max_new_tokens=6)) for i in range(3)]
     bad = {
         "empty": (Request("empty", [], SamplingParams()), "expected at least 1 token, found an empty prompt"),
-        "oov": (Request("oov", [1, 2, V], SamplingParams()), f"expected token ids in [0, vocab_size={V}), found {V} at position 2"),
+        "oov": (Request("oov", [1, 2, V], SamplingParams()),
+                f"expected token ids in [0, vocab_size={V}), found {V} at position 2"),
         "neg": (Request("neg", [-1], SamplingParams()), "found -1 at position 0"),
-        "long": (Request("long", [1] * 60, SamplingParams(max_new_tokens=10)), "= 70 tokens, expected at most max_seq_len=64"),
-        "pool": (Request("pool", [1] * 30, SamplingParams(max_new_tokens=10)), "needs 10 KV blocks of 4 tokens, expected at most the pool's 8"),
+        "long": (Request("long", [1] * 60, SamplingParams(max_new_tokens=10)),
+                 "= 70 tokens, expected at most max_seq_len=64"),
+        "pool": (Request("pool", [1] * 30, SamplingParams(max_new_tokens=10)),
+                 "needs 10 KV blocks of 4 tokens, expected at most the pool's 8"),
         "temp": (Request("temp", [1], SamplingParams(temperature=-1.0)), "temperature: expected a finite number >= 0"),
         "topp": (Request("topp", [1], SamplingParams(top_p=0.0)), "top_p: expected a number in (0, 1]"),
-        "maxnew": (Request("maxnew", [1], SamplingParams(max_new_tokens=0)), "max_new_tokens: expected an integer >= 1"),
+        "maxnew": (Request("maxnew", [1], SamplingParams(max_new_tokens=0)),
+                   "max_new_tokens: expected an integer >= 1"),
         "floats": (Request("floats", [1.5, 2.0], SamplingParams()), "expected a flat sequence of integer token ids"),
     }
     reqs = good[:1] + [r for r, _ in bad.values()] + good[1:]

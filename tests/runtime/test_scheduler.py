@@ -76,7 +76,7 @@ request_st = st.tuples(st.integers(0, 6),                       # arrival step
                        st.one_of(st.none(), st.integers(0, 25)))  # cancel at this step
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(num_blocks=st.integers(4, 24), block_size=st.integers(1, 5), num_slots=st.integers(1, 6),
        max_batch_size=st.integers(1, 6), extra_tokens=st.integers(0, 10),
        requests=st.lists(request_st, min_size=1, max_size=10), stop_id=st.one_of(st.none(), st.integers(0, VOCAB - 1)))
