@@ -7,13 +7,29 @@ MissingDependencyError naming what to install.
 
 from __future__ import annotations
 
+import os
+
 from trtfalcon.errors import MissingDependencyError
+
+# Triton 3.9's interpreter computes tl.dot on bf16 operands from their raw bits (a 16x16 bf16 dot is off by
+# 1e10 there, seen on this project's CPU machines). Under TRITON_INTERPRET=1, `mma_operand` upcasts dot operands to
+# fp32, which gives what the GPU computes anyway (bf16 x bf16 products are exact in fp32, accumulated in fp32).
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 try:
     import triton
     import triton.language as tl
 
     HAVE_TRITON = True
+    _UPCAST_DOTS = tl.constexpr(INTERPRETING)
+
+    @triton.jit
+    def mma_operand(x):
+        """x as a tl.dot operand: unchanged on the GPU, fp32 in the interpreter (see INTERPRETING)."""
+        if _UPCAST_DOTS:
+            return x.to(tl.float32)
+        else:
+            return x
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAVE_TRITON = False
 
@@ -50,6 +66,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
     triton = _TritonShim()  # type: ignore[assignment]
     tl = _LanguageShim()  # type: ignore[assignment]
+    mma_operand = None
 
 
 def require_triton() -> None:
@@ -57,4 +74,4 @@ def require_triton() -> None:
         raise MissingDependencyError("the Triton kernels need the `triton` package: pip install 'trtfalcon[kernels]'")
 
 
-__all__ = ["HAVE_TRITON", "require_triton", "tl", "triton"]
+__all__ = ["HAVE_TRITON", "INTERPRETING", "mma_operand", "require_triton", "tl", "triton"]

@@ -57,7 +57,7 @@ def paged_attention_ref(
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernel
 # ----------------------------------------------------------------------------------------------------------------
-from trtfalcon.plugins._triton import tl, triton  # noqa: E402
+from trtfalcon.plugins._triton import mma_operand, tl, triton  # noqa: E402
 
 
 @triton.jit
@@ -68,7 +68,7 @@ def _online_softmax_step(acc, m_i, l_i, s, v):
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(mma_operand(p.to(v.dtype)), mma_operand(v))
     return acc, m_new, l_i
 
 
@@ -165,7 +165,7 @@ def paged_attention_kernel(
         m_kv = pmask[:, None] & dmask[None, :]
         k = tl.load(kv_cache_ptr + row_off[:, None] + offs_d[None, :], mask=m_kv, other=0.0).to(q.dtype)
         v = tl.load(kv_cache_ptr + v_cache_off + row_off[:, None] + offs_d[None, :], mask=m_kv, other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(mma_operand(q), tl.trans(mma_operand(k))) * qk_scale
         s = tl.where(pmask[None, :], s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v)
 
@@ -179,7 +179,7 @@ def paged_attention_kernel(
         # rounded through the cache dtype, as if read back from the cache (what the reference does)
         k = tl.load(k_ptr + src_j[:, None] + offs_d[None, :], mask=m_kv, other=0.0).to(kv_cache_ptr.dtype.element_ty).to(q.dtype)
         v = tl.load(v_ptr + src_j[:, None] + offs_d[None, :], mask=m_kv, other=0.0).to(kv_cache_ptr.dtype.element_ty).to(q.dtype)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(mma_operand(q), tl.trans(mma_operand(k))) * qk_scale
         visible = jmask[None, :] & (j[None, :] <= q_tok[:, None])
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v)

@@ -151,7 +151,7 @@ def ssd_varlen_ref(
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
-from trtfalcon.plugins._triton import tl, triton  # noqa: E402
+from trtfalcon.plugins._triton import mma_operand, tl, triton  # noqa: E402
 
 
 @triton.jit
@@ -256,7 +256,7 @@ def ssd_chunked_kernel(
         xdt = x * dt[:, None]
 
         y = tl.dot(Cm.to(tl.float32), tl.trans(state)) * tl.exp(a_cum)[:, None]  # (T, P), fp32 state (tf32 MMA)
-        CB = tl.dot(Cm, tl.trans(Bm)).to(tl.float32)  # (T, T)
+        CB = tl.dot(mma_operand(Cm), tl.trans(mma_operand(Bm))).to(tl.float32)  # (T, T)
         causal = t[:, None] >= t[None, :]
         seg = tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf"))
         y += tl.dot(CB * tl.exp(seg), xdt)
