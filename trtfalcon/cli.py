@@ -54,7 +54,9 @@ def main() -> None:
     The pipeline, one command per stage, one inspectable directory per artifact:
       synth     make a random HF-format checkpoint of a known shape (tests, benchmarks, demo)
       convert   HF checkpoint -> deploy checkpoint (muP multipliers folded, q/k/v and gate/up fused)
-      generate  run prompts through the model (reference oracle or the in-flight-batching runtime)
+      generate  run prompts through the model (in-flight-batching runtime, or the reference oracle)
+      bench     throughput at fixed concurrencies (32 and 64 by default), JSON report + plot
+      demo      all of the above on a tiny model, on this machine
 
     Start with `trtfalcon demo` (no arguments) to run everything that runs on this machine.
     """
@@ -278,6 +280,156 @@ def _generate_reference(checkpoint: Path, prompts, opts, temperature: float, see
         stopped = bool(tokens) and tokens[-1] in cfg.eos_token_id and not ignore_eos
         results.append({"token_ids": tokens, "finish_reason": "stop" if stopped else "length"})
     return results
+
+
+# ------------------------------------------------------------------------------------------------------ bench
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--dataset", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help='JSONL of {"task_id", "input_ids", "output_tokens"} [default: synthetic token-norm-dist].')
+@click.option("--isl", default=128, show_default=True, type=click.IntRange(min=1), help="Synthetic input length mean.")
+@click.option("--osl", default=128, show_default=True, type=click.IntRange(min=1), help="Synthetic output length mean.")
+@click.option("--isl-stdev", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--osl-stdev", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--num-requests", default=None, type=click.IntRange(min=1),
+              help="Synthetic requests per concurrency level [default: 2 x concurrency].")
+@click.option("--concurrency", "concurrencies", multiple=True, type=click.IntRange(min=1),
+              help="Requests kept in flight; repeatable [default: 32 and 64, the mission's batch sizes].")
+@click.option("--warmup", default=None, type=click.IntRange(min=0),
+              help="Warm-up requests before each level, not counted [default: the concurrency, capped at 8].")
+@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the synthetic dataset.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/bench"), show_default=True,
+              help="Where report.json and throughput.png go.")
+@runtime_options
+@handle_errors
+def bench(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev: float, osl_stdev: float,
+          num_requests: int | None, concurrencies: tuple[int, ...], warmup: int | None, backend: str, seed: int,
+          out_dir: Path, **kw: Any) -> None:
+    """Measure throughput with in-flight batching at fixed concurrencies (the trtllm-bench method).
+
+    EOS is ignored so every request produces exactly its output length; warm-up requests are not counted.
+    Prints a table and writes OUT/report.json (request/s, output tokens/s, tokens/s per GPU or per process on
+    CPU, TTFT and TPOT P50/P90/P99, mean live batch, host overhead, a per-step log) and OUT/throughput.png.
+
+    \b
+    Examples:
+      trtfalcon bench runs/tiny-deploy --isl 64 --osl 64 --concurrency 32 --concurrency 64
+      trtfalcon bench ENGINE_DIR --backend tensorrt --isl 512 --osl 32768 --num-requests 128   (on a GPU)
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from trtfalcon.bench.dataset import load_jsonl, token_norm_dist
+    from trtfalcon.bench.report import plot, print_table, write_report
+    from trtfalcon.bench.throughput import run_concurrency
+    from trtfalcon.runtime.backends import create_executor
+
+    concurrencies = concurrencies or (32, 64)
+    kw["max_batch_size"] = max(max(concurrencies), kw["max_batch_size"])
+    kw["max_num_tokens"] = max(kw["max_num_tokens"], kw["max_batch_size"])
+    opts = _runtime_opts(kw)
+    console = Console(stderr=True)
+    executor, cfg = create_executor(backend, checkpoint, opts)
+    max_seq_len = opts.resolved_max_seq_len(cfg)
+    results = []
+    with Progress(console=console, transient=True, disable=not sys.stderr.isatty()) as progress:
+        for c in concurrencies:
+            n = num_requests or 2 * c
+            if dataset:
+                requests = load_jsonl(dataset)
+            else:
+                requests = token_norm_dist(n, isl, osl, isl_stdev, osl_stdev, vocab_size=cfg.vocab_size,
+                                           seed=seed, max_seq_len=max_seq_len)
+            w = min(c, 8) if warmup is None else warmup
+            warm = token_norm_dist(w, isl, osl, vocab_size=cfg.vocab_size, seed=seed + 1,
+                                   max_seq_len=max_seq_len) if w and not dataset else requests[:w]
+            task = progress.add_task(f"concurrency {c}", total=len(requests))
+            r = run_concurrency(executor, warm + requests, concurrency=c, max_num_tokens=opts.max_num_tokens,
+                                max_seq_len=max_seq_len, warmup=len(warm),
+                                on_finish=lambda o, t=task: progress.advance(t))
+            results.append(r)
+            for err in r.errors[:3]:
+                console.print(f"[red]error[/red] {err}")
+    print_table(results, opts.device, Console())
+    meta = {"checkpoint": str(checkpoint), "backend": backend, "kernels": getattr(executor, "kernels", None),
+            "device": opts.device, "dataset": str(dataset) if dataset else
+            {"type": "token-norm-dist", "isl": isl, "osl": osl, "isl_stdev": isl_stdev, "osl_stdev": osl_stdev,
+             "seed": seed}, "max_num_tokens": opts.max_num_tokens, "max_seq_len": max_seq_len,
+            "block_size": opts.block_size, "num_blocks": executor.cache_spec.num_blocks, "model": cfg.summary()}
+    write_report(out_dir / "report.json", results, meta)
+    plot(out_dir / "throughput.png", results, f"{backend} on {opts.device}: isl {isl} -> osl {osl}")
+    click.echo(f"report: {out_dir / 'report.json'}   plot: {out_dir / 'throughput.png'}")
+
+
+# ------------------------------------------------------------------------------------------------------ demo
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
+              help="Working directory for every artifact (replaced if it exists).")
+@click.option("--isl", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--osl", default=32, show_default=True, type=click.IntRange(min=1))
+@handle_errors
+def demo(out_dir: Path, isl: int, osl: int) -> None:
+    """The embedded default: the whole pipeline that runs on this machine, on a tiny model, in a few minutes.
+
+    \b
+    1. synth     a tiny random Falcon-H1 checkpoint (HF format)
+    2. convert   it into a deploy checkpoint (folded, fused)
+    3. generate  a few prompts in flight; check them against the reference model
+    4. bench     throughput at concurrency 32 and 64 (in-flight batching, torch executor on CPU)
+    """
+    import shutil
+
+    from trtfalcon.bench.dataset import token_norm_dist
+    from trtfalcon.bench.report import plot, print_table, write_report
+    from trtfalcon.bench.throughput import run_concurrency
+    from trtfalcon.checkpoint.convert import convert_checkpoint
+    from trtfalcon.checkpoint.synth import synth_checkpoint
+    from trtfalcon.config import preset_dict
+    from trtfalcon.model.generate import reference_generate
+    from trtfalcon.model.reference import ReferenceModel
+    from trtfalcon.model.weights import load_weights
+    from trtfalcon.runtime.backends import RuntimeOptions, create_executor
+    from trtfalcon.runtime.llm import LLMEngine
+    from trtfalcon.runtime.request import Request, SamplingParams
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    hf_dir, deploy_dir, bench_dir = out_dir / "tiny-hf", out_dir / "tiny-deploy", out_dir / "bench"
+    click.secho("1/4 synth: tiny Falcon-H1 checkpoint", bold=True)
+    synth_checkpoint(preset_dict("tiny"), hf_dir, dtype="fp32", seed=0)
+    click.echo(f"    {hf_dir}")
+    click.secho("2/4 convert: fold muP multipliers, fuse q/k/v and gate/up", bold=True)
+    convert_checkpoint(hf_dir, deploy_dir, dtype="fp32")
+    click.echo(f"    {deploy_dir}")
+
+    click.secho("3/4 generate: 8 prompts in flight vs the reference model, greedy", bold=True)
+    opts = RuntimeOptions(max_batch_size=64, max_num_tokens=256, max_seq_len=isl + osl + 64, block_size=16)
+    executor, cfg = create_executor("torch", deploy_dir, opts)
+    engine = LLMEngine(executor, max_batch_size=8, max_num_tokens=64, max_seq_len=opts.max_seq_len or 0)
+    prompts = [r.input_ids for r in token_norm_dist(8, 24, 0, 12, vocab_size=cfg.vocab_size, seed=1)]
+    outs = engine.generate(
+        [Request(str(i), p, SamplingParams(max_new_tokens=12, ignore_eos=True)) for i, p in enumerate(prompts)]
+    )
+    ref = ReferenceModel(load_weights(deploy_dir))
+    same = sum(o.token_ids == reference_generate(ref, p, 12) for o, p in zip(outs, prompts))
+    click.echo(f"    {same}/{len(prompts)} prompts give the reference model's tokens exactly")
+    if same != len(prompts):
+        raise click.ClickException("the runtime disagrees with the reference model; please report this")
+
+    click.secho(f"4/4 bench: isl {isl} -> osl {osl}, concurrency 32 and 64", bold=True)
+    results = []
+    for c in (32, 64):
+        reqs = token_norm_dist(min(c, 8) + 2 * c, isl, osl, vocab_size=cfg.vocab_size, seed=c,
+                               max_seq_len=opts.max_seq_len)
+        results.append(run_concurrency(executor, reqs, concurrency=c, max_num_tokens=opts.max_num_tokens,
+                                       max_seq_len=opts.max_seq_len or 0, warmup=min(c, 8)))
+    print_table(results, "cpu")
+    write_report(bench_dir / "report.json", results, {"demo": True, "model": cfg.summary(), "isl": isl, "osl": osl})
+    plot(bench_dir / "throughput.png", results, f"tiny model, torch on CPU: isl {isl} -> osl {osl}")
+    click.secho("done. Artifacts:", bold=True)
+    for label, path in (("HF checkpoint", hf_dir), ("deploy checkpoint", deploy_dir),
+                        ("bench report", bench_dir / "report.json"), ("throughput plot", bench_dir / "throughput.png")):
+        click.echo(f"    {label:<18} {path}")
 
 
 # ------------------------------------------------------------------------------------------------------ helpers

@@ -1,0 +1,65 @@
+"""`trtfalcon bench` and `trtfalcon demo`: reports with the fields users compare, numbers that add up."""
+
+import json
+
+from click.testing import CliRunner
+
+from trtfalcon.bench.dataset import load_jsonl, token_norm_dist
+from trtfalcon.bench.throughput import percentile
+from trtfalcon.cli import main
+
+
+def test_token_norm_dist_is_deterministic_and_fixed_length_with_zero_stdev():
+    a = token_norm_dist(5, 16, 8, vocab_size=100, seed=1)
+    assert a == token_norm_dist(5, 16, 8, vocab_size=100, seed=1)
+    assert all(len(r.input_ids) == 16 and r.output_tokens == 8 for r in a)
+    b = token_norm_dist(50, 16, 8, 4.0, 2.0, vocab_size=100, seed=1)
+    assert len({len(r.input_ids) for r in b}) > 3 and min(r.output_tokens for r in b) >= 1
+
+
+def test_jsonl_dataset_errors_name_the_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"task_id": 1, "input_ids": [1, 2], "output_tokens": 3}\n{"input_ids": [1], "output_tokens": 0}\n')
+    try:
+        load_jsonl(f)
+    except Exception as e:  # noqa: BLE001
+        assert f"{f}:2" in str(e) and "output_tokens" in str(e)
+    else:
+        raise AssertionError("expected an error")
+
+
+def test_percentile():
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+
+
+def test_bench_writes_a_consistent_report(tmp_path):
+    hf = tmp_path / "hf"
+    assert CliRunner().invoke(main, ["synth", "--preset", "tiny", "--out", str(hf), "--dtype", "fp32"]).exit_code == 0
+    out = tmp_path / "bench"
+    r = CliRunner().invoke(main, ["bench", str(hf), "--isl", "12", "--osl", "6", "--concurrency", "4",
+                                  "--concurrency", "8", "--num-requests", "10", "--warmup", "2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [x["concurrency"] for x in report["results"]] == [4, 8]
+    for res in report["results"]:
+        assert res["num_requests"] == 10 and res["errors"] == []
+        assert res["total_output_tokens"] == 10 * 6  # EOS ignored: exactly osl tokens each
+        assert abs(res["output_tokens_per_s"] - 60 / res["duration_s"]) < 1e-6 * res["output_tokens_per_s"]
+        assert 1 <= res["mean_live_batch"] <= res["concurrency"]
+        assert max(s["num_seqs"] for s in res["steps"]) <= res["concurrency"]
+        assert res["ttft_ms"]["p50"] <= res["ttft_ms"]["p99"] and res["tpot_ms"]["p50"] > 0
+        # warm-up requests are not in the measured step log: measured decode tokens = outputs minus first tokens
+        assert sum(s["num_decode"] for s in res["steps"]) == 10 * (6 - 1)
+    assert "concurrency" in r.output and "report:" in r.output
+
+
+def test_demo_runs_the_whole_cpu_pipeline(tmp_path):
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(main, ["demo", "--out", str(out), "--isl", "8", "--osl", "4"])
+    assert r.exit_code == 0, r.output
+    assert "8/8 prompts give the reference model's tokens exactly" in r.output
+    report = json.loads((out / "bench" / "report.json").read_text())
+    assert [x["concurrency"] for x in report["results"]] == [32, 64]
+    assert (out / "tiny-deploy" / "config.json").is_file() and (out / "bench" / "throughput.png").is_file()
