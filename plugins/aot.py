@@ -161,6 +161,11 @@ def compile_kernel(op: OpSpec, ks: KernelSpec, dtypes: dict[str, str], attrs: di
     dimensions constant for the model (head counts, sizes) that become compile-time constants.
     """
     require_triton()
+    from trtfalcon.plugins._triton import INTERPRETING
+
+    if INTERPRETING:
+        raise AOTError("ahead-of-time compilation needs compiled kernels: unset TRITON_INTERPRET (the interpreter "
+                       "replaces @triton.jit functions and upcasts dot operands)")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
