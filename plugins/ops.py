@@ -1,4 +1,8 @@
-"""The custom ops a Falcon-H1 layer calls, behind one switch: torch references or Triton kernels.
+"""The custom ops a Falcon-H1 layer calls, behind one switch: torch references, vectorized torch, or Triton kernels.
+
+- reference: the `*_ref` loops over sequences; the oracle, plainly correct, slow at large batches;
+- torch: the same math vectorized over the batch (torch_batched.py); the torch executor's CPU default;
+- triton: the Triton kernels (CUDA; Triton's interpreter on CPU), the same kernels the TensorRT plugins embed.
 
 Every implementation takes the arguments of the `*_ref` functions (shapes in each module's docstring) and
 updates caches in place the same way, so the model code never knows which one runs.
@@ -14,7 +18,7 @@ from trtfalcon.plugins.conv1d import causal_conv1d_varlen_ref
 from trtfalcon.plugins.gated_norm import gated_rms_norm_ref
 from trtfalcon.plugins.ssd import ssd_varlen_ref
 
-KERNEL_CHOICES = ("reference", "triton")
+KERNEL_CHOICES = ("reference", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,18 @@ REFERENCE_OPS = Ops(
 )
 
 
+def _torch_ops() -> Ops:
+    from trtfalcon.plugins import torch_batched as tb
+
+    return Ops(
+        name="torch",
+        causal_conv1d=tb.causal_conv1d_batched,
+        ssd=tb.ssd_batched,
+        gated_rms_norm=gated_rms_norm_ref,  # already one batched expression
+        paged_attention=tb.paged_attention_batched,
+    )
+
+
 def _triton_ops() -> Ops:
     """The Triton kernels, each called through its one declaration in plugins/spec.py (the same declaration the
     TensorRT plugins and the ahead-of-time build come from). CUDA tensors run on the GPU; CPU tensors need
@@ -53,6 +69,8 @@ def _triton_ops() -> Ops:
 def get_ops(kernels: str = "reference") -> Ops:
     if kernels == "reference":
         return REFERENCE_OPS
+    if kernels == "torch":
+        return _torch_ops()
     if kernels == "triton":
         return _triton_ops()
     raise ValueError(f"kernels: expected one of {KERNEL_CHOICES}, found {kernels!r}")

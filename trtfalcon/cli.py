@@ -153,10 +153,11 @@ def runtime_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="KV blocks in the pool [default: every sequence at full length]. Fewer forces preemption."),
         click.option("--ssm-state-dtype", "ssm_dtype", type=click.Choice(["fp32", "bf16"]), default="fp32",
                      show_default=True, help="Dtype of the Mamba SSM state pool."),
-        click.option("--kernels", type=click.Choice(["auto", "reference", "triton"]), default="auto",
+        click.option("--kernels", type=click.Choice(["auto", "torch", "reference", "triton"]), default="auto",
                      show_default=True,
-                     help="Plugin ops: Triton kernels (CUDA; Triton's interpreter on CPU, slow) or torch references. "
-                          "auto = triton on CUDA, reference on CPU."),
+                     help="Plugin ops: triton = the Triton kernels (CUDA; Triton's interpreter on CPU, slow); "
+                          "torch = vectorized torch; reference = the loop references (oracle). "
+                          "auto = triton on CUDA, torch on CPU."),
         click.option("--device", default="cpu", show_default=True, help="torch device of the torch backend."),
         click.option("--dtype", type=DTYPE_CHOICE, default=None,
                      help="Compute dtype [default: the checkpoint's; fp32 for an HF checkpoint]."),

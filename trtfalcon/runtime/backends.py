@@ -15,7 +15,7 @@ from trtfalcon.config import FalconH1Config
 from trtfalcon.runtime.executors.base import Executor
 
 BACKENDS = ("torch",)
-KERNELS = ("auto", "reference", "triton")
+KERNELS = ("auto", "torch", "reference", "triton")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The torch executor: runs the engine I/O contract with the ragged-batch model (trtfalcon.model.layers).
 
-On CPU it uses the torch references of the plugin ops; on CUDA the same code runs the Triton kernels.
+On CPU it uses the vectorized torch versions of the plugin ops; on CUDA the same code runs the Triton kernels;
+`kernels="reference"` runs the loop references (the oracle).
 `kernels="triton"` on a CPU runs those kernels in Triton's interpreter (slow; for verification).
 """
 
@@ -19,9 +20,9 @@ STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 
 def resolve_kernels(kernels: str, device: torch.device) -> str:
-    """'auto' -> Triton kernels on CUDA, torch references elsewhere."""
+    """'auto' -> Triton kernels on CUDA, the vectorized torch ops elsewhere."""
     if kernels == "auto":
-        return "triton" if device.type == "cuda" else "reference"
+        return "triton" if device.type == "cuda" else "torch"
     if kernels == "triton" and device.type == "cpu":
         # Triton runs on CPU tensors only in its interpreter; it reads this variable when a kernel is launched.
         os.environ.setdefault("TRITON_INTERPRET", "1")
