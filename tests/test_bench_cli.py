@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from click.testing import CliRunner
 
 from trtfalcon.bench.dataset import load_jsonl, token_norm_dist
@@ -57,9 +59,24 @@ def test_bench_writes_a_consistent_report(tmp_path):
 
 def test_demo_runs_the_whole_cpu_pipeline(tmp_path):
     out = tmp_path / "demo"
-    r = CliRunner().invoke(main, ["demo", "--out", str(out), "--isl", "8", "--osl", "4"])
+    r = CliRunner().invoke(main, ["demo", "--out", str(out), "--isl", "8", "--osl", "4", "--skip-kernels"])
     assert r.exit_code == 0, r.output
     assert "8/8 prompts give the reference model's tokens exactly" in r.output
     report = json.loads((out / "bench" / "report.json").read_text())
     assert [x["concurrency"] for x in report["results"]] == [32, 64]
     assert (out / "tiny-deploy" / "config.json").is_file() and (out / "bench" / "throughput.png").is_file()
+
+
+@pytest.mark.slow
+def test_plugins_compile_cli_writes_ptx_and_a_spill_free_report(tmp_path):
+    out = tmp_path / "k"
+    r = CliRunner().invoke(main, ["plugins", "compile", "--preset", "tiny", "--arch", "sm_90", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["archs"] == ["sm_90"] and len(manifest["kernels"]) >= 6
+    for rec in manifest["kernels"]:
+        ptx = (out / rec["files"]["ptx"]).read_text()
+        assert ".target sm_90" in ptx and rec["resources"]["spill_stores"] == 0
+    assert "spill_stores" in r.output
+    again = CliRunner().invoke(main, ["plugins", "compile", "--preset", "tiny", "--out", str(out)])
+    assert again.exit_code != 0 and "already exists" in again.output

@@ -56,6 +56,7 @@ def main() -> None:
       convert   HF checkpoint -> deploy checkpoint (muP multipliers folded, q/k/v and gate/up fused)
       generate  run prompts through the model (in-flight-batching runtime, or the reference oracle)
       bench     throughput at fixed concurrencies (32 and 64 by default), JSON report + plot
+      plugins   compile the Triton kernels of the TensorRT plugins ahead of time (no GPU needed)
       demo      all of the above on a tiny model, on this machine
 
     Start with `trtfalcon demo` (no arguments) to run everything that runs on this machine.
@@ -363,74 +364,93 @@ def bench(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev:
     click.echo(f"report: {out_dir / 'report.json'}   plot: {out_dir / 'throughput.png'}")
 
 
+# ------------------------------------------------------------------------------------------------------ plugins
+@main.group()
+def plugins() -> None:
+    """The custom TensorRT plugins (Mamba2 conv + SSD scan, paged attention, gated RMSNorm): Triton kernels."""
+
+
+@plugins.command("compile")
+@click.option("--arch", "archs", multiple=True, default=("sm_90",), show_default=True,
+              help="GPU architecture to compile for; repeatable (sm_90 = H100/H200, sm_100 = B200).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Output directory: PTX + cubin + JSON per kernel, manifest.json.")
+@click.option("--preset", default="7b", show_default=True, help="Model shape the kernels are specialised for.")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Take the model shape from this checkpoint's config.json instead of --preset.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@handle_errors
+def plugins_compile(archs: tuple[str, ...], out_dir: Path, preset: str, checkpoint: Path | None, overwrite: bool) -> None:
+    """Compile every plugin kernel ahead of time, on this machine, no GPU needed.
+
+    Triton compiles each kernel for each architecture and configuration (activation dtype, state dtype,
+    prefill/decode variants) to PTX, the form TensorRT's ahead-of-time plugins embed in an engine. Registers
+    and spills come from ptxas on the shipped PTX. Exits non-zero if any kernel spills registers.
+
+    \b
+    Example:  trtfalcon plugins compile --arch sm_90 --arch sm_100 --out runs/kernels
+    """
+    _print_kernel_report(_compile_kernels(list(archs), out_dir, preset, checkpoint, overwrite))
+
+
+def _compile_kernels(archs: list[str], out_dir: Path, preset: str, checkpoint: Path | None, overwrite: bool):
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise click.ClickException("unset TRITON_INTERPRET: ahead-of-time compilation needs Triton's compiler")
+    from trtfalcon.checkpoint.safetensors_io import atomic_output_dir
+    from trtfalcon.config import FalconH1Config
+    from trtfalcon.config import preset as get_preset
+    from trtfalcon.plugins.aot import compile_all, spilling
+
+    cfg = FalconH1Config.from_json_file(checkpoint) if checkpoint else get_preset(preset)
+    progress, task = _progress(0, "compile")
+    with progress, atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        manifest = compile_all(archs, tmp, progress=lambda msg: progress.update(task, tensor=msg), config=cfg)
+    bad = spilling(manifest)
+    if bad:
+        _print_kernel_report(manifest)
+        raise click.ClickException(f"{len(bad)} kernel(s) spill registers: {', '.join(r['plugin'] for r in bad)}")
+    manifest["out_dir"] = str(out_dir)
+    return manifest
+
+
+def _print_kernel_report(manifest) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from trtfalcon.plugins.aot import REPORT_COLUMNS, report_rows
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    cols = [c for c in REPORT_COLUMNS if c != "grid"]  # grids are shape expressions: in each kernel's JSON
+    t = Table(title=f"plugin kernels: {', '.join(manifest['archs'])}")
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("arch", "plugin", "config") else "right")
+    for row in report_rows(manifest):
+        t.add_row(*("-" if row[c] is None else str(row[c]) for c in cols))
+    console.print(t)
+    if "out_dir" in manifest:
+        click.echo(f"wrote {len(manifest['kernels'])} kernels to {manifest['out_dir']}")
+
+
 # ------------------------------------------------------------------------------------------------------ demo
 @main.command()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
               help="Working directory for every artifact (replaced if it exists).")
-@click.option("--isl", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--osl", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--isl", default=32, show_default=True, type=click.IntRange(min=1), help="Bench input length.")
+@click.option("--osl", default=32, show_default=True, type=click.IntRange(min=1), help="Bench output length.")
+@click.option("--skip-kernels", is_flag=True, help="Skip the ahead-of-time kernel build (about a minute).")
 @handle_errors
-def demo(out_dir: Path, isl: int, osl: int) -> None:
-    """The embedded default: the whole pipeline that runs on this machine, on a tiny model, in a few minutes.
+def demo(out_dir: Path, isl: int, osl: int, skip_kernels: bool) -> None:
+    """The embedded default: every pipeline stage that runs on this machine, on a tiny model, in a few minutes.
 
-    \b
-    1. synth     a tiny random Falcon-H1 checkpoint (HF format)
-    2. convert   it into a deploy checkpoint (folded, fused)
-    3. generate  a few prompts in flight; check them against the reference model
-    4. bench     throughput at concurrency 32 and 64 (in-flight batching, torch executor on CPU)
+    Each step prints what it did and where its artifact went; see trtfalcon/demo.py for the list of steps.
     """
-    import shutil
+    from trtfalcon.demo import run_demo
 
-    from trtfalcon.bench.dataset import token_norm_dist
-    from trtfalcon.bench.report import plot, print_table, write_report
-    from trtfalcon.bench.throughput import run_concurrency
-    from trtfalcon.checkpoint.convert import convert_checkpoint
-    from trtfalcon.checkpoint.synth import synth_checkpoint
-    from trtfalcon.config import preset_dict
-    from trtfalcon.model.generate import reference_generate
-    from trtfalcon.model.reference import ReferenceModel
-    from trtfalcon.model.weights import load_weights
-    from trtfalcon.runtime.backends import RuntimeOptions, create_executor
-    from trtfalcon.runtime.llm import LLMEngine
-    from trtfalcon.runtime.request import Request, SamplingParams
-
-    shutil.rmtree(out_dir, ignore_errors=True)
-    hf_dir, deploy_dir, bench_dir = out_dir / "tiny-hf", out_dir / "tiny-deploy", out_dir / "bench"
-    click.secho("1/4 synth: tiny Falcon-H1 checkpoint", bold=True)
-    synth_checkpoint(preset_dict("tiny"), hf_dir, dtype="fp32", seed=0)
-    click.echo(f"    {hf_dir}")
-    click.secho("2/4 convert: fold muP multipliers, fuse q/k/v and gate/up", bold=True)
-    convert_checkpoint(hf_dir, deploy_dir, dtype="fp32")
-    click.echo(f"    {deploy_dir}")
-
-    click.secho("3/4 generate: 8 prompts in flight vs the reference model, greedy", bold=True)
-    opts = RuntimeOptions(max_batch_size=64, max_num_tokens=256, max_seq_len=isl + osl + 64, block_size=16)
-    executor, cfg = create_executor("torch", deploy_dir, opts)
-    engine = LLMEngine(executor, max_batch_size=8, max_num_tokens=64, max_seq_len=opts.max_seq_len or 0)
-    prompts = [r.input_ids for r in token_norm_dist(8, 24, 0, 12, vocab_size=cfg.vocab_size, seed=1)]
-    outs = engine.generate(
-        [Request(str(i), p, SamplingParams(max_new_tokens=12, ignore_eos=True)) for i, p in enumerate(prompts)]
-    )
-    ref = ReferenceModel(load_weights(deploy_dir))
-    same = sum(o.token_ids == reference_generate(ref, p, 12) for o, p in zip(outs, prompts))
-    click.echo(f"    {same}/{len(prompts)} prompts give the reference model's tokens exactly")
-    if same != len(prompts):
-        raise click.ClickException("the runtime disagrees with the reference model; please report this")
-
-    click.secho(f"4/4 bench: isl {isl} -> osl {osl}, concurrency 32 and 64", bold=True)
-    results = []
-    for c in (32, 64):
-        reqs = token_norm_dist(min(c, 8) + 2 * c, isl, osl, vocab_size=cfg.vocab_size, seed=c,
-                               max_seq_len=opts.max_seq_len)
-        results.append(run_concurrency(executor, reqs, concurrency=c, max_num_tokens=opts.max_num_tokens,
-                                       max_seq_len=opts.max_seq_len or 0, warmup=min(c, 8)))
-    print_table(results, "cpu")
-    write_report(bench_dir / "report.json", results, {"demo": True, "model": cfg.summary(), "isl": isl, "osl": osl})
-    plot(bench_dir / "throughput.png", results, f"tiny model, torch on CPU: isl {isl} -> osl {osl}")
-    click.secho("done. Artifacts:", bold=True)
-    for label, path in (("HF checkpoint", hf_dir), ("deploy checkpoint", deploy_dir),
-                        ("bench report", bench_dir / "report.json"), ("throughput plot", bench_dir / "throughput.png")):
-        click.echo(f"    {label:<18} {path}")
+    run_demo(out_dir, isl=isl, osl=osl, compile_kernels=not skip_kernels)
 
 
 # ------------------------------------------------------------------------------------------------------ helpers

@@ -1,0 +1,127 @@
+"""`trtfalcon demo`: the whole pipeline that runs on this machine, on a tiny model, with no arguments.
+
+Each step is a function of the shared state below; a new pipeline stage adds its step to STEPS, so the demo
+always exercises everything that can run here. Steps print what they did and where the artifact went.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+@dataclass
+class DemoState:
+    out_dir: Path
+    isl: int
+    osl: int
+    compile_kernels: bool = True
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def step_synth(st: DemoState) -> str:
+    from trtfalcon.checkpoint.synth import synth_checkpoint
+    from trtfalcon.config import preset_dict
+
+    st.artifacts["HF checkpoint"] = synth_checkpoint(preset_dict("tiny"), st.out_dir / "tiny-hf", dtype="fp32")
+    return "tiny random Falcon-H1 checkpoint in Hugging Face format"
+
+
+def step_convert(st: DemoState) -> str:
+    from trtfalcon.checkpoint.convert import convert_checkpoint
+
+    st.artifacts["deploy checkpoint"] = convert_checkpoint(
+        st.artifacts["HF checkpoint"], st.out_dir / "tiny-deploy", dtype="fp32"
+    )
+    return "muP multipliers folded, q/k/v and gate/up fused"
+
+
+def _executor(st: DemoState, backend: str = "torch", path: Path | None = None):
+    from trtfalcon.runtime.backends import RuntimeOptions, create_executor
+
+    opts = RuntimeOptions(max_batch_size=64, max_num_tokens=256, max_seq_len=st.isl + st.osl + 64, block_size=16)
+    executor, cfg = create_executor(backend, path or st.artifacts["deploy checkpoint"], opts)
+    return executor, cfg, opts
+
+
+def step_generate(st: DemoState) -> str:
+    from trtfalcon.bench.dataset import token_norm_dist
+    from trtfalcon.model.generate import reference_generate
+    from trtfalcon.model.reference import ReferenceModel
+    from trtfalcon.model.weights import load_weights
+    from trtfalcon.runtime.llm import LLMEngine
+    from trtfalcon.runtime.request import Request, SamplingParams
+
+    executor, cfg, opts = _executor(st)
+    engine = LLMEngine(executor, max_batch_size=8, max_num_tokens=64, max_seq_len=opts.max_seq_len or 0)
+    prompts = [r.input_ids for r in token_norm_dist(8, 24, 1, 12, vocab_size=cfg.vocab_size, seed=1)]
+    outs = engine.generate(
+        [Request(str(i), p, SamplingParams(max_new_tokens=12, ignore_eos=True)) for i, p in enumerate(prompts)]
+    )
+    ref = ReferenceModel(load_weights(st.artifacts["deploy checkpoint"]))
+    same = sum(o.token_ids == reference_generate(ref, p, 12) for o, p in zip(outs, prompts))
+    if same != len(prompts):
+        raise click.ClickException("the runtime disagrees with the reference model; please report this")
+    return f"{same}/{len(prompts)} prompts in flight give the reference model's greedy tokens exactly"
+
+
+def step_kernels(st: DemoState) -> str:
+    if not st.compile_kernels:
+        return "skipped (--skip-kernels)"
+    from trtfalcon.cli import _compile_kernels, _print_kernel_report
+
+    manifest = _compile_kernels(["sm_90"], st.out_dir / "kernels", "7b", None, overwrite=True)
+    _print_kernel_report(manifest)
+    st.artifacts["plugin kernels (sm_90)"] = st.out_dir / "kernels"
+    return f"{len(manifest['kernels'])} kernels compiled for sm_90 (7B shapes), none spilling"
+
+
+def step_bench(st: DemoState) -> str:
+    from trtfalcon.bench.dataset import token_norm_dist
+    from trtfalcon.bench.report import plot, print_table, write_report
+    from trtfalcon.bench.throughput import run_concurrency
+
+    executor, cfg, opts = _executor(st)
+    results = []
+    for c in (32, 64):
+        warm = min(c, 8)
+        reqs = token_norm_dist(warm + 2 * c, st.isl, st.osl, vocab_size=cfg.vocab_size, seed=c,
+                               max_seq_len=opts.max_seq_len)
+        results.append(run_concurrency(executor, reqs, concurrency=c, max_num_tokens=opts.max_num_tokens,
+                                       max_seq_len=opts.max_seq_len or 0, warmup=warm))
+    print_table(results, "cpu")
+    bench_dir = st.out_dir / "bench"
+    write_report(bench_dir / "report.json", results, {"demo": True, "model": cfg.summary(), "isl": st.isl,
+                                                      "osl": st.osl})
+    plot(bench_dir / "throughput.png", results, f"tiny model, torch on CPU: isl {st.isl} -> osl {st.osl}")
+    st.artifacts["bench report"] = bench_dir / "report.json"
+    st.artifacts["throughput plot"] = bench_dir / "throughput.png"
+    return f"torch executor, concurrency 32 and 64, isl {st.isl} -> osl {st.osl}"
+
+
+STEPS: list[tuple[str, Callable[[DemoState], str]]] = [
+    ("synth", step_synth),
+    ("convert", step_convert),
+    ("generate", step_generate),
+    ("plugins compile", step_kernels),
+    ("bench", step_bench),
+]
+
+
+def run_demo(out_dir: Path, *, isl: int = 32, osl: int = 32, compile_kernels: bool = True) -> DemoState:
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    st = DemoState(out_dir, isl, osl, compile_kernels)
+    for i, (name, step) in enumerate(STEPS, 1):
+        click.secho(f"{i}/{len(STEPS)} {name}", bold=True)
+        click.echo(f"    {step(st)}")
+    click.secho("done. Artifacts:", bold=True)
+    for label, path in st.artifacts.items():
+        click.echo(f"    {label:<24} {path}")
+    return st
