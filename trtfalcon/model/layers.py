@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from trtfalcon.config import FalconH1Config
 from trtfalcon.model.weights import DeployWeights
 from trtfalcon.plugins.ops import Ops, get_ops
+from trtfalcon.quantize.fp8_format import fake_quant_fp8
 from trtfalcon.runtime.contract import StepBatch
 
 
@@ -27,7 +28,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w: DeployWeights, name: str) -> torch.Tensor:
-    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+    """x @ W.T + b. For an FP8 linear (an input_scale is present) the input is fake-quantized to E4M3 and the
+    weight dequantized, as TensorRT's explicit Q/DQ computes it (trtfalcon.quantize.fp8_format)."""
+    input_scale = w.get(f"{name}.input_scale")
+    if input_scale is not None:
+        x = fake_quant_fp8(x, input_scale)
+    return F.linear(x, w.dense(f"{name}.weight"), w.get(f"{name}.bias"))
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ from trtfalcon.checkpoint.hf import HFCheckpoint
 from trtfalcon.checkpoint.safetensors_io import SafetensorsReader, torch_dtype
 from trtfalcon.config import DEPLOY_FORMAT_VERSION, FalconH1Config
 from trtfalcon.errors import CheckpointError
+from trtfalcon.quantize.fp8_format import FP8_DTYPE, dequantize_weight
 
 
 @dataclass
@@ -26,12 +27,24 @@ class DeployWeights:
     config: FalconH1Config
     tensors: dict[str, torch.Tensor]
     dtype: torch.dtype
+    _dense: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 
     def get(self, name: str) -> torch.Tensor | None:
         return self.tensors.get(name)
+
+    def dense(self, name: str) -> torch.Tensor:
+        """A weight in the compute dtype: FP8 weights are dequantized (weight * weight_scale per row) once and
+        cached, which is what TensorRT's DequantizeLinear computes (trtfalcon.quantize.fp8_format)."""
+        t = self.tensors[name]
+        if t.dtype != FP8_DTYPE:
+            return t
+        if name not in self._dense:
+            scale = self.tensors[name.removesuffix(".weight") + ".weight_scale"]
+            self._dense[name] = dequantize_weight(t, scale, self.dtype)
+        return self._dense[name]
 
     def to(self, device: torch.device | str) -> DeployWeights:
         return DeployWeights(self.config, {k: v.to(device) for k, v in self.tensors.items()}, self.dtype)

@@ -1,0 +1,53 @@
+"""FP8 (E4M3) in a deploy checkpoint: the one definition the converter, the torch executor (fake-quantized),
+the ONNX exporter (explicit Q/DQ) and the TensorRT build share.
+
+Deploy tensors of each quantized linear X (the fused names of a deploy checkpoint, QUANTIZED_LINEARS):
+    X.weight        float8_e4m3fn (rows, cols)      = round(W / weight_scale[row])
+    X.weight_scale  fp32 (rows,)                    per output row: a fused tensor (qkv, gate_up) keeps each
+                                                    source's per-tensor scale on its own rows, so fusing is exact
+    X.input_scale   fp32 ()                         per-tensor activation scale of X's input, as the deploy graph
+                                                    feeds it (after folding: the HF scale / the folded input
+                                                    multiplier); q/k/v and gate/up share one (the max)
+FP8 KV cache: layers.{i}.attn.k_scale, layers.{i}.attn.v_scale fp32 () : cache = fp8(k / k_scale).
+config.json: "trtfalcon": {"quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" | null,
+                                            "exclude_modules": [...]}}
+Everything else (embeddings, norms, Mamba conv1d, A_log/D/dt_bias, lm_head) stays in the deploy dtype.
+
+Semantics (what TensorRT's explicit quantization computes, and what the torch executor fakes):
+    y = (fake_quant(x, input_scale)) @ (weight.float() * weight_scale[:, None]).T + bias
+    fake_quant(x, s) = fp8_e4m3(clamp(x / s, -448, 448)).float() * s      (round to nearest even, saturate)
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite E4M3 value; scale = amax / FP8_MAX
+
+# The linears of one layer that FP8 quantizes (deploy names, without "layers.{i}." and ".weight").
+QUANTIZED_LINEARS = ("attn.qkv_proj", "attn.o_proj", "mamba.in_proj", "mamba.out_proj", "mlp.gate_up_proj",
+                     "mlp.down_proj")
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale, saturated to E4M3's range, cast to float8_e4m3fn (scale broadcasts: scalar or per row)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Quantize then dequantize: the value an FP8 GEMM sees, in x's dtype."""
+    return (quantize_fp8(x, scale).float() * scale).to(x.dtype)
+
+
+def dequantize_weight(weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(rows, cols) fp8 and (rows,) or () scales -> (rows, cols) in dtype."""
+    scale = weight_scale.float()
+    if scale.dim() == 1:
+        scale = scale[:, None]
+    return (weight.float() * scale).to(dtype)
+
+
+def weight_scale_per_tensor(w: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's "max" calibration for a weight: amax / 448 (at least a tiny positive number)."""
+    return (w.float().abs().max() / FP8_MAX).clamp(min=1e-12)
