@@ -1,6 +1,9 @@
 """`trtfalcon bench` and `trtfalcon demo`: reports with the fields users compare, numbers that add up."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -71,13 +74,18 @@ def test_demo_runs_the_whole_cpu_pipeline(tmp_path):
 @pytest.mark.slow
 def test_plugins_compile_cli_writes_ptx_and_a_spill_free_report(tmp_path):
     out = tmp_path / "k"
-    r = CliRunner().invoke(main, ["plugins", "compile", "--preset", "tiny", "--arch", "sm_90", "--out", str(out)])
-    assert r.exit_code == 0, r.output
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the compiler, not the interpreter
+    cmd = [sys.executable, "-m", "trtfalcon.cli", "plugins", "compile", "--preset", "tiny", "--arch", "sm_90"]
+    r = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["archs"] == ["sm_90"] and len(manifest["kernels"]) >= 6
     for rec in manifest["kernels"]:
         ptx = (out / rec["files"]["ptx"]).read_text()
         assert ".target sm_90" in ptx and rec["resources"]["spill_stores"] == 0
-    assert "spill_stores" in r.output
-    again = CliRunner().invoke(main, ["plugins", "compile", "--preset", "tiny", "--out", str(out)])
-    assert again.exit_code != 0 and "already exists" in again.output
+    assert "spill_stores" in r.stdout
+    again = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True)
+    assert again.returncode != 0 and "already exists" in again.stderr
+    interp = subprocess.run([*cmd, "--out", str(tmp_path / "k2")], env={**env, "TRITON_INTERPRET": "1"},
+                            capture_output=True, text=True)
+    assert interp.returncode != 0 and "unset TRITON_INTERPRET" in interp.stderr

@@ -174,6 +174,11 @@ def _runtime_opts(kw: dict[str, Any]):
     keys = ("max_batch_size", "max_num_tokens", "max_seq_len", "block_size", "num_blocks", "ssm_dtype", "kernels",
             "device", "dtype")
     opts = RuntimeOptions(**{k: kw.pop(k) for k in keys})
+    if opts.kernels == "triton" and opts.device == "cpu":
+        import os
+
+        # Triton kernels on CPU tensors run in Triton's interpreter, chosen when triton is first imported (below).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     if opts.max_num_tokens < opts.max_batch_size:
         raise click.BadParameter(
             f"must be at least --max-batch-size ({opts.max_batch_size}), found {opts.max_num_tokens}",

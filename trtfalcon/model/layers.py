@@ -59,17 +59,18 @@ def mlp(n: torch.Tensor, w: DeployWeights, prefix: str) -> torch.Tensor:
 def split_qkv(qkv: torch.Tensor, cfg: FalconH1Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     t = qkv.shape[0]
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-    return (
+    return (  # q and k get new tensors from RoPE; v goes to the kernel as is, so it must be dense
         q.reshape(t, cfg.num_attention_heads, cfg.head_dim),
         k.reshape(t, cfg.num_key_value_heads, cfg.head_dim),
-        v.reshape(t, cfg.num_key_value_heads, cfg.head_dim),
+        v.reshape(t, cfg.num_key_value_heads, cfg.head_dim).contiguous(),
     )
 
 
 def mamba_in_proj(n: torch.Tensor, w: DeployWeights, prefix: str, cfg: FalconH1Config):
-    """-> z (T, d_ssm), xBC (T, conv_dim), dt (T, H)."""
-    z, xbc, dt = linear(n, w, f"{prefix}.mamba.in_proj").split([cfg.mamba_d_ssm, cfg.conv_dim, cfg.mamba_n_heads], -1)
-    return z, xbc, dt
+    """-> z (T, d_ssm), xBC (T, conv_dim), dt (T, H), each contiguous: the plugin kernels index dense layouts."""
+    zxbcdt = linear(n, w, f"{prefix}.mamba.in_proj")
+    z, xbc, dt = zxbcdt.split([cfg.mamba_d_ssm, cfg.conv_dim, cfg.mamba_n_heads], -1)
+    return z.contiguous(), xbc.contiguous(), dt.contiguous()
 
 
 def split_xbc(xbc: torch.Tensor, cfg: FalconH1Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,9 +79,9 @@ def split_xbc(xbc: torch.Tensor, cfg: FalconH1Config) -> tuple[torch.Tensor, tor
     gn = cfg.ssm_group_state_size
     x, b, c = xbc.split([cfg.mamba_d_ssm, gn, gn], dim=-1)
     return (
-        x.reshape(t, cfg.mamba_n_heads, cfg.mamba_d_head),
-        b.reshape(t, cfg.mamba_n_groups, cfg.mamba_d_state),
-        c.reshape(t, cfg.mamba_n_groups, cfg.mamba_d_state),
+        x.reshape(t, cfg.mamba_n_heads, cfg.mamba_d_head).contiguous(),
+        b.reshape(t, cfg.mamba_n_groups, cfg.mamba_d_state).contiguous(),
+        c.reshape(t, cfg.mamba_n_groups, cfg.mamba_d_state).contiguous(),
     )
 
 

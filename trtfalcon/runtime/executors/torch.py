@@ -7,10 +7,9 @@ On CPU it uses the vectorized torch versions of the plugin ops; on CUDA the same
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from trtfalcon.errors import MissingDependencyError
 from trtfalcon.model.layers import FalconH1Model
 from trtfalcon.model.weights import DeployWeights
 from trtfalcon.plugins.ops import get_ops
@@ -24,8 +23,13 @@ def resolve_kernels(kernels: str, device: torch.device) -> str:
     if kernels == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if kernels == "triton" and device.type == "cpu":
-        # Triton runs on CPU tensors only in its interpreter; it reads this variable when a kernel is launched.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        from trtfalcon.plugins._triton import INTERPRETING
+
+        if not INTERPRETING:  # Triton decides interpreter vs compiler when it is first imported
+            raise MissingDependencyError(
+                "--kernels triton on a CPU runs Triton's interpreter, which must be switched on before triton is "
+                "imported: set TRITON_INTERPRET=1 in the environment (the trtfalcon CLI does this itself)"
+            )
     return kernels
 
 
