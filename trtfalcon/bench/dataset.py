@@ -7,12 +7,12 @@
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from trtfalcon.errors import RequestError
+from trtfalcon.runtime.prompts import iter_jsonl_objects
 
 
 @dataclass(frozen=True)
@@ -42,21 +42,14 @@ def token_norm_dist(
 
 def load_jsonl(path: Path) -> list[BenchRequest]:
     out = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RequestError(f"{where}: not valid JSON ({e.msg})") from e
-        ids = obj.get("input_ids", obj.get("prompt_ids")) if isinstance(obj, dict) else None
-        n_out = obj.get("output_tokens") if isinstance(obj, dict) else None
+    for where, obj in iter_jsonl_objects(path):
+        ids = obj.get("input_ids", obj.get("prompt_ids"))
+        n_out = obj.get("output_tokens")
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise RequestError(f'{where}: expected "input_ids": a list of token ids')
         if isinstance(n_out, bool) or not isinstance(n_out, int) or n_out < 1:
             raise RequestError(f'{where}: expected "output_tokens": a positive integer, found {n_out!r}')
-        out.append(BenchRequest(str(obj.get("task_id", lineno)), ids, n_out))
+        out.append(BenchRequest(str(obj.get("task_id", where.rsplit(":", 1)[-1])), ids, n_out))
     if not out:
         raise RequestError(f"{path}: no requests found")
     return out

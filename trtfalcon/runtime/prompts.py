@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from trtfalcon.errors import RequestError
 
@@ -54,6 +56,21 @@ def check_servable(p: Prompt, vocab_size: int, max_seq_len: int, where: str) -> 
         )
 
 
+def iter_jsonl_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, object) for each non-blank line of a JSONL file; `where` is "file:line" for error messages."""
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"{where}: not valid JSON ({e.msg})") from e
+        if not isinstance(obj, dict):
+            raise RequestError(f"{where}: expected a JSON object, found {type(obj).__name__}")
+        yield where, obj
+
+
 def load_prompts(prompt_ids: str | None, prompts_file: Path | None, default_max_new_tokens: int) -> list[Prompt]:
     if (prompt_ids is None) == (prompts_file is None):
         raise RequestError("give exactly one of --prompt-ids or --prompts-file")
@@ -62,15 +79,8 @@ def load_prompts(prompt_ids: str | None, prompts_file: Path | None, default_max_
         return [parse_prompt(ids, default_max_new_tokens, "--prompt-ids")]
     assert prompts_file is not None
     prompts = []
-    for lineno, line in enumerate(prompts_file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{prompts_file}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RequestError(f"{where}: not valid JSON ({e.msg})") from e
-        if not isinstance(obj, dict) or "prompt_ids" not in obj:
+    for where, obj in iter_jsonl_objects(prompts_file):
+        if "prompt_ids" not in obj:
             raise RequestError(f'{where}: expected an object like {{"prompt_ids": [1, 2], "max_new_tokens": 8}}')
         prompts.append(parse_prompt(obj["prompt_ids"], obj.get("max_new_tokens", default_max_new_tokens), where))
     if not prompts:
