@@ -57,6 +57,7 @@ def main() -> None:
       generate  run prompts through the model (in-flight-batching runtime, or the reference oracle)
       bench     throughput at fixed concurrencies (32 and 64 by default), JSON report + plot
       plugins   compile the Triton kernels of the TensorRT plugins ahead of time (no GPU needed)
+      serve     a Triton Inference Server model repository on the runtime (streaming, cancellation)
       demo      all of the above on a tiny model, on this machine
 
     Start with `trtfalcon demo` (no arguments) to run everything that runs on this machine.
@@ -438,6 +439,90 @@ def _print_kernel_report(manifest) -> None:
     console.print(t)
     if "out_dir" in manifest:
         click.echo(f"wrote {len(manifest['kernels'])} kernels to {manifest['out_dir']}")
+
+
+# ------------------------------------------------------------------------------------------------------ serve
+@main.group()
+def serve() -> None:
+    """Serve a model: generate a Triton Inference Server model repository that runs the trtfalcon runtime."""
+
+
+@serve.command("triton")
+@click.option("--engine", "engine_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A TensorRT engine directory (from `build`) [default backend: tensorrt].")
+@click.option("--checkpoint", "checkpoint_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A deploy or Hugging Face checkpoint directory [default backend: torch].")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Model repository (created if missing); the model goes to OUT/MODEL_NAME.")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None,
+              help="Executor inside the server [default: tensorrt with --engine, torch with --checkpoint].")
+@click.option("--model-name", default="trtfalcon", show_default=True, help="Name clients address.")
+@click.option("--instances-per-gpu", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Model instances per GPU (each its own engine and KV cache); on CPU, the instance count.")
+@click.option("--gpus", default=None, help="Comma-separated GPU ids, e.g. 0,1,2,3: --instances-per-gpu engines on "
+                                          "each (data parallel) [default: CPU instances].")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Tokenizer directory [default: the model directory if it has tokenizer.json]. Without one the "
+                   "model takes and returns token ids only.")
+@click.option("--copy-model", is_flag=True,
+              help="Copy the checkpoint/engine into the repository (self-contained) instead of referencing its path.")
+@click.option("--default-max-tokens", default=256, show_default=True, type=click.IntRange(min=1),
+              help="max_tokens of requests that do not send one (capped by max_seq_len).")
+@click.option("--max-logprobs", default=20, show_default=True, type=click.IntRange(min=0),
+              help="Largest top-k of log-probs a request may ask for.")
+@click.option("--seed", default=0, show_default=True, help="Engine seed for sampled requests that send no seed.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT/MODEL_NAME if it exists.")
+@runtime_options
+@handle_errors
+def serve_triton(engine_dir: Path | None, checkpoint_dir: Path | None, out_dir: Path, backend: str | None,
+                 model_name: str, instances_per_gpu: int, gpus: str | None, tokenizer_dir: Path | None,
+                 copy_model: bool, default_max_tokens: int, max_logprobs: int, seed: int, overwrite: bool,
+                 **kw: Any) -> None:
+    """Write a Triton model repository serving a model with the trtfalcon runtime (Python backend).
+
+    Writes OUT/MODEL_NAME/{config.pbtxt, 1/model.py, 1/trtfalcon.json}: a decoupled model (token streaming)
+    with Triton's batching off (the runtime batches in flight), inputs text_input or input_ids, max_tokens,
+    temperature, top_p, top_k, seed, stop_words, stop_token_ids, ignore_eos, stream, logprobs; outputs
+    text_output, output_ids, finish_reason, token counts, log-probs. The runtime options size each instance's
+    engine; the device comes from the instance group (--gpus). See docs/serving.md.
+
+    \b
+    Examples:
+      trtfalcon serve triton --checkpoint runs/tiny-deploy --out runs/triton-repo --max-batch-size 8
+      trtfalcon serve triton --engine runs/7b-engine --out /models --gpus 0,1,2,3 --max-batch-size 64
+      tritonserver --model-repository runs/triton-repo
+    """
+    from dataclasses import asdict
+
+    from trtfalcon.serve.repository import InstancePlan, write_repository
+
+    if (engine_dir is None) == (checkpoint_dir is None):
+        raise click.UsageError("give exactly one of --engine or --checkpoint")
+    gpu_ids: tuple[int, ...] = ()
+    if gpus:
+        try:
+            gpu_ids = tuple(int(g) for g in gpus.replace(" ", "").split(",") if g != "")
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated GPU ids such as 0,1, found {gpus!r}",
+                                     param_hint="--gpus") from None
+        if not gpu_ids or min(gpu_ids) < 0 or len(set(gpu_ids)) != len(gpu_ids):
+            raise click.BadParameter(f"expected distinct GPU ids >= 0 such as 0,1, found {gpus!r}", param_hint="--gpus")
+    opts = _runtime_opts(kw)
+    if opts.device != "cpu" and not gpu_ids:
+        raise click.BadParameter(f"each instance's device comes from --gpus; found --device {opts.device} without "
+                                 "--gpus", param_hint="--device")
+    backend = backend or ("tensorrt" if engine_dir is not None else "torch")
+    runtime = {k: v for k, v in asdict(opts).items() if k != "device"}
+    dest = write_repository(
+        out_dir, model_dir=engine_dir or checkpoint_dir, backend=backend, model_name=model_name,
+        plan=InstancePlan(count=instances_per_gpu, gpus=gpu_ids), runtime=runtime,
+        limits={"default_max_tokens": default_max_tokens, "max_logprobs": max_logprobs},
+        tokenizer_dir=tokenizer_dir, copy_model=copy_model, seed=seed, overwrite=overwrite)
+    where = f"{instances_per_gpu} per GPU on GPUs {','.join(map(str, gpu_ids))}" if gpu_ids \
+        else f"{instances_per_gpu} on CPU"
+    click.echo(f"wrote {dest} ({backend} backend; instances: {where})")
+    click.echo(f"  {dest / 'config.pbtxt'}\n  {dest / '1' / 'model.py'}\n  {dest / '1' / 'trtfalcon.json'}")
+    click.echo(f"serve it: tritonserver --model-repository {out_dir.resolve()}   (trtfalcon installed in its Python)")
 
 
 # ------------------------------------------------------------------------------------------------------ demo

@@ -1,0 +1,268 @@
+"""What runs behind the generated model.py: Triton requests in, the LLMEngine in the middle, responses out.
+
+Threads. The LLMEngine is single-threaded, so one engine thread owns it: it admits new requests, polls for
+cancellations, calls step(), and sends each step's tokens back through the requests' response senders. Triton
+calls `execute` on its own thread; execute only validates and queues (it never touches the engine and never
+blocks on generation), so requests arriving during a long step join the very next step: in-flight batching
+across Triton requests.
+
+Every request ends exactly once with TRITONSERVER_RESPONSE_COMPLETE_FINAL_FLAG, on exactly one of these paths:
+- rejected in execute (missing input, wrong dtype or shape, ids outside the vocab, too long, bad sampling
+  params): an error response, FINAL, before it reaches the engine;
+- its last token ("length" or "stop" from the engine, or a stop word found in the text): FINAL with that token;
+- ended by the engine with an error (rejected at add time, or its step's executor call failed), or by a failure
+  while building its response: an error response, FINAL;
+- cancelled by the client (the sender's is_cancelled()): engine.cancel frees its KV blocks and state slot at
+  once; a CANCELLED error response, FINAL;
+- the instance unloads (finalize) or the engine loop itself fails: an UNAVAILABLE / INTERNAL error, FINAL.
+`_live` maps the engine's request id to the request's state; whoever pops it sends the FINAL flag, so a late
+delta for a request that already ended (its stop word was found, or it was failed) is ignored.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trtfalcon.errors import RequestError
+from trtfalcon.runtime.request import Request, StreamDelta, TokenLogprobs
+from trtfalcon.serve.repository import ServeSettings, runtime_options
+from trtfalcon.serve.requests import ParsedRequest, ServeLimits, parse_request
+from trtfalcon.serve.text import TextStream, load_tokenizer
+
+log = logging.getLogger("trtfalcon.serve")
+
+
+@dataclass
+class _Live:
+    """One request in flight: where its responses go and what it has produced so far."""
+
+    triton_id: str
+    sender: Any
+    parsed: ParsedRequest
+    text: TextStream | None
+    token_ids: list[int] = field(default_factory=list)  # all generated ids (count; non-streaming output)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # non-streaming only
+
+
+class ServedModel:
+    """One Triton model instance: an engine on one device, its thread, and the request bookkeeping.
+
+    `pb` is the triton_python_backend_utils module (passed in, so that this file imports without Triton and the
+    tests can drive it through a stand-in).
+    """
+
+    def __init__(self, pb: Any, settings: ServeSettings, version_dir: str | Path, device: str = "cpu",
+                 name: str = "trtfalcon") -> None:
+        from trtfalcon.runtime.backends import create_executor
+        from trtfalcon.runtime.llm import LLMEngine
+
+        self.pb = pb
+        self.name = name
+        self.settings = settings
+        opts = runtime_options(settings.runtime, device)
+        model_dir = settings.resolve(version_dir, "model_dir")
+        executor, cfg = create_executor(settings.backend, model_dir, opts)
+        self.config = cfg
+        max_seq_len = opts.resolved_max_seq_len(cfg)
+        self.engine = LLMEngine(executor, max_batch_size=opts.max_batch_size, max_num_tokens=opts.max_num_tokens,
+                                max_seq_len=max_seq_len, eos_token_ids=cfg.eos_token_id, seed=settings.seed,
+                                stream=True, log_steps=False)
+        tok_dir = settings.resolve(version_dir, "tokenizer_dir")
+        self.tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
+        self.limits = ServeLimits(vocab_size=cfg.vocab_size, max_seq_len=max_seq_len, **settings.limits)
+        self._ids = itertools.count()
+        self._cv = threading.Condition()
+        self._inbox: list[tuple[Request, _Live]] = []  # guarded by _cv; everything below is the engine thread's
+        self._stopping = False
+        self._live: dict[str, _Live] = {}
+        self._last_cancel_poll = 0.0
+        self._thread = threading.Thread(target=self._run, name=f"trtfalcon-engine-{name}", daemon=True)
+        self._thread.start()
+        log.info("%s: %s backend on %s, max_batch_size %d, max_seq_len %d, tokenizer %s", name, settings.backend,
+                 device, opts.max_batch_size, max_seq_len, tok_dir or "none")
+
+    @classmethod
+    def from_triton_args(cls, pb: Any, args: dict[str, str]) -> ServedModel:
+        """Build from the `args` of TritonPythonModel.initialize (model_config JSON, repository, version, device)."""
+        config = json.loads(args["model_config"])
+        name = config.get("name", "trtfalcon")
+        if not config.get("model_transaction_policy", {}).get("decoupled", False):
+            raise RuntimeError(f"{name}/config.pbtxt: model_transaction_policy: expected decoupled: true (token "
+                               "streaming), found a non-decoupled model")
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        kind = args.get("model_instance_kind", "CPU")
+        device = f"cuda:{int(args.get('model_instance_device_id', 0))}" if kind == "GPU" else "cpu"
+        return cls(pb, ServeSettings.load(version_dir), version_dir, device, name)
+
+    # ---- Triton's thread --------------------------------------------------------------------------------------
+    def execute(self, requests: list[Any]) -> None:
+        """Validate and queue each request; answer bad ones at once. Never blocks on generation."""
+        for request in requests:
+            sender = request.get_response_sender()
+            triton_id = request.request_id() or ""
+            try:
+                parsed = parse_request(lambda n, r=request: self._input(r, n), self.limits, self.tokenizer)
+            except RequestError as e:
+                self._send_error(sender, f"{self._label(triton_id)}: {e}", "INVALID_ARG")
+                continue
+            except Exception as e:  # noqa: BLE001 - e.g. the tokenizer failed on this text: this request only
+                self._send_error(sender, f"{self._label(triton_id)}: {type(e).__name__}: {e}", "INTERNAL")
+                continue
+            rid = f"{triton_id or 'request'}#{next(self._ids)}"  # unique in the engine even if clients reuse ids
+            text = TextStream(self.tokenizer, parsed.prompt_ids, parsed.stop_words) if self.tokenizer else None
+            live = _Live(triton_id, sender, parsed, text)
+            with self._cv:
+                if self._stopping:
+                    self._send_error(sender, f"{self._label(triton_id)}: model instance is unloading",
+                                     "UNAVAILABLE")
+                    continue
+                self._inbox.append((Request(rid, parsed.prompt_ids, parsed.params), live))
+                self._cv.notify()
+        return None
+
+    def finalize(self, timeout_s: float = 30.0) -> None:
+        """Stop the engine thread; every request still in flight ends with an UNAVAILABLE error."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.error("%s: engine thread did not stop within %.0f s (a step is hung)", self.name, timeout_s)
+
+    def _input(self, request: Any, name: str) -> np.ndarray | None:
+        t = self.pb.get_input_tensor_by_name(request, name)
+        return None if t is None else t.as_numpy()
+
+    def _label(self, triton_id: str) -> str:
+        return f"{self.name}: request {triton_id!r}" if triton_id else f"{self.name}: request"
+
+    # ---- the engine thread ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cv:
+                while not self._inbox and not engine.has_work and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                new, self._inbox = self._inbox, []
+            try:
+                for request, live in new:
+                    self._live[request.request_id] = live
+                    engine.add_request(request)  # a request the engine rejects ends in this step's deltas
+                self._poll_cancelled()
+                deltas = engine.step()
+            except Exception as e:  # noqa: BLE001 - the engine's state is unknown: end what it holds, keep serving
+                log.error("%s: engine step failed:\n%s", self.name, traceback.format_exc())
+                self._end_all(f"engine step failed: {type(e).__name__}: {e}", "INTERNAL")
+                continue
+            for d in deltas:
+                self._deliver(d)
+        with self._cv:
+            pending, self._inbox = self._inbox, []
+        for request, live in pending:
+            self._live[request.request_id] = live
+        self._end_all("model instance is unloading", "UNAVAILABLE")
+
+    def _poll_cancelled(self) -> None:
+        """Ask Triton which requests were cancelled (each ask is an IPC round trip: at most every cancel_poll_s)."""
+        now = time.monotonic()
+        if now - self._last_cancel_poll < self.settings.cancel_poll_s:
+            return
+        self._last_cancel_poll = now
+        for rid, live in list(self._live.items()):
+            is_cancelled = getattr(live.sender, "is_cancelled", None)  # Triton >= 23.10
+            if is_cancelled is not None and is_cancelled():
+                self.engine.cancel(rid)  # frees its blocks and slot now; its "cancelled" delta ends it next step
+
+    def _end_all(self, message: str, code: str) -> None:
+        for rid, live in list(self._live.items()):
+            try:
+                self.engine.cancel(rid)
+            except Exception:  # noqa: BLE001 - best effort on an engine that just failed
+                pass
+            del self._live[rid]
+            self._send_error(live.sender, f"{self._label(live.triton_id)}: {message}", code)
+
+    def _deliver(self, d: StreamDelta) -> None:
+        live = self._live.get(d.request_id)
+        if live is None:  # already ended by us (stop word, failure): the engine's late delta is not news
+            return
+        try:
+            self._respond(d, live)
+        except Exception as e:  # noqa: BLE001 - e.g. the detokenizer or a send failed: this request only
+            log.error("%s: response for %s failed:\n%s", self.name, d.request_id, traceback.format_exc())
+            if self._live.pop(d.request_id, None) is not None:
+                if not d.finished:
+                    self.engine.cancel(d.request_id)
+                self._send_error(live.sender, f"{self._label(live.triton_id)}: {type(e).__name__}: {e}", "INTERNAL")
+
+    def _respond(self, d: StreamDelta, live: _Live) -> None:
+        reason = d.finish_reason
+        if reason in ("error", "cancelled"):
+            del self._live[d.request_id]
+            if reason == "error":
+                err = d.output.error if d.output is not None else "ended with an error"
+                self._send_error(live.sender, f"{self._label(live.triton_id)}: {err}", "INTERNAL")
+            else:
+                self._send_error(live.sender, f"{self._label(live.triton_id)}: cancelled", "CANCELLED")
+            return
+        live.token_ids.extend(d.token_ids)
+        if live.text is not None:
+            live.text.add(d.token_ids)
+            if live.text.stopped and reason != "stop":
+                if reason is None:
+                    self.engine.cancel(d.request_id)  # a stop word ended the text: free its blocks and slot now
+                reason = "stop"
+        if not live.parsed.stream:
+            if live.parsed.params.logprobs and d.logprobs:
+                live.logprobs.extend(d.logprobs)
+            if reason is None:
+                return
+            ids, lps = live.token_ids, live.logprobs
+        else:
+            ids, lps = list(d.token_ids), list(d.logprobs or [])
+        final = reason is not None
+        if final:
+            del self._live[d.request_id]
+        tensors = self._outputs(live, ids, lps, reason or "", final)
+        flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL_FLAG if final else 0
+        live.sender.send(self.pb.InferenceResponse(output_tensors=tensors), flags=flags)
+
+    def _outputs(self, live: _Live, ids: list[int], lps: list[TokenLogprobs], reason: str, final: bool) -> list:
+        """The response tensors: the names and dtypes protocol.OUTPUTS declares."""
+        T = self.pb.Tensor
+        out = []
+        if live.text is not None:
+            out.append(T("text_output", np.array([live.text.take(final).encode("utf-8")], dtype=object)))
+        out += [
+            T("output_ids", np.asarray(ids, dtype=np.int32)),
+            T("finish_reason", np.array([reason.encode()], dtype=object)),
+            T("prompt_tokens", np.array([len(live.parsed.prompt_ids)], dtype=np.int32)),
+            T("completion_tokens", np.array([len(live.token_ids)], dtype=np.int32)),
+        ]
+        k = live.parsed.params.logprobs
+        if k:
+            out += [
+                T("output_logprobs", np.array([lp.logprob for lp in lps], dtype=np.float32)),
+                T("top_logprobs", np.array([lp.top_logprobs for lp in lps], dtype=np.float32).reshape(len(lps), k)),
+                T("top_ids", np.array([lp.top_ids for lp in lps], dtype=np.int32).reshape(len(lps), k)),
+            ]
+        return out
+
+    def _send_error(self, sender: Any, message: str, code: str) -> None:
+        cls = self.pb.TritonError
+        code_value = getattr(cls, code, None)  # error codes exist from Triton 23.10
+        error = cls(message, code_value) if code_value is not None else cls(message)
+        sender.send(self.pb.InferenceResponse(output_tensors=[], error=error),
+                    flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL_FLAG)
