@@ -54,6 +54,8 @@ def main() -> None:
     The pipeline, one command per stage, one inspectable directory per artifact:
       synth     make a random HF-format checkpoint of a known shape (tests, benchmarks, demo)
       convert   HF checkpoint -> deploy checkpoint (muP multipliers folded, q/k/v and gate/up fused)
+      quantize  HF checkpoint -> FP8 HF checkpoint (ModelOpt calibration) + accuracy report
+      export    deploy checkpoint -> ONNX graph (plugin nodes, FP8 Q/DQ, external weights) for TensorRT
       generate  run prompts through the model (in-flight-batching runtime, or the reference oracle)
       bench     throughput at fixed concurrencies (32 and 64 by default), JSON report + plot
       plugins   compile the Triton kernels of the TensorRT plugins ahead of time (no GPU needed)
@@ -139,6 +141,105 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str, max_shard_size: str, overwr
     click.echo(f"wrote deploy checkpoint {out_dir} ({dtype})")
 
 
+# ------------------------------------------------------------------------------------------------------ quantize
+@main.command()
+@click.argument("hf_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["fp8"]), default="fp8", show_default=True,
+              help="Quantization: FP8 E4M3, per-tensor weights and activations (ModelOpt 'max' calibration).")
+@click.option("--kv-cache-dtype", type=click.Choice(["fp8"]), default=None,
+              help="Also calibrate an FP8 KV cache (k_scale / v_scale per layer) [default: KV cache unquantized].")
+@click.option("--calib-data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help='Text file, or JSONL with {"text": ...} or {"input_ids": [...]} per line, tokenized with the '
+                   "checkpoint's tokenizer. Default: synthetic random token ids (said plainly in the output).")
+@click.option("--calib-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Calibration samples (forward passes).")
+@click.option("--calib-seq-len", default=512, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per calibration sample (longer lines are truncated, text is cut into windows).")
+@click.option("--holdout", default=8, show_default=True, type=click.IntRange(min=0),
+              help="Samples (the file's last ones) held out of calibration for the accuracy report's perplexity.")
+@click.option("--conservative", is_flag=True, help="Keep the Mamba in_proj/out_proj in bf16 too (FP8 attention and MLP only).")
+@click.option("--no-accuracy", is_flag=True, help="Skip the accuracy report against the source checkpoint.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the synthetic calibration ids.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only after the new one is complete).")
+@handle_errors
+def quantize(hf_dir: Path, out_dir: Path, fmt: str, kv_cache_dtype: str | None, calib_data: Path | None,
+             calib_size: int, calib_seq_len: int, holdout: int, conservative: bool, no_accuracy: bool, seed: int,
+             overwrite: bool) -> None:
+    """Quantize a Hugging Face Falcon-H1 checkpoint to FP8 with NVIDIA ModelOpt (runs on CPU).
+
+    Writes a ModelOpt unified HF checkpoint (FP8 weights + weight_scale + input_scale per Linear, k/v scales,
+    hf_quant_config.json), the format vLLM, SGLang and TensorRT-LLM read, which `trtfalcon convert` turns into an
+    FP8 deploy checkpoint. The Mamba conv1d, lm_head, embeddings and norms stay unquantized. Then compares the result
+    with the source on held-out samples (top-1 agreement, logit error, KL, perplexity): printed and saved as
+    OUT_DIR/accuracy.json. Needs `pip install 'trtfalcon[quant]'`. Written atomically.
+
+    \b
+    Examples:
+      trtfalcon quantize runs/tiny-hf runs/tiny-fp8 --calib-size 16 --calib-seq-len 128
+      trtfalcon quantize Falcon-H1R-7B runs/7b-fp8 --kv-cache-dtype fp8 --calib-data calib.jsonl --calib-size 256
+    """
+    from trtfalcon.quantize.accuracy import format_report
+    from trtfalcon.quantize.fp8 import quantize_fp8
+
+    r = quantize_fp8(hf_dir, out_dir, kv_cache_dtype=kv_cache_dtype, calib_data=calib_data, calib_size=calib_size,
+                     calib_seq_len=calib_seq_len, holdout=holdout, seed=seed, conservative=conservative,
+                     accuracy=not no_accuracy, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
+    if r.calibration["synthetic"]:
+        click.secho("note: calibrated on SYNTHETIC token ids (no --calib-data): fine for a smoke test, "
+                    "not for deployment", fg="yellow", err=True)
+    if r.accuracy is not None:
+        click.echo(format_report(r.accuracy))
+        click.echo(f"accuracy report: {out_dir / 'accuracy.json'}")
+    click.echo(f"wrote FP8 checkpoint {out_dir} ({r.quantized_modules} FP8 linears"
+               f"{', FP8 KV cache' if r.kv_cache_fp8 else ''}; {r.seconds:.1f} s)")
+
+
+# ------------------------------------------------------------------------------------------------------ export
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--dtype", type=DTYPE_CHOICE, default=None,
+              help="Compute dtype of the graph [default: the checkpoint's]. The onnxruntime backend needs fp32.")
+@click.option("--opset", default=21, show_default=True, type=click.IntRange(min=21), help="ONNX opset (21 or newer).")
+@click.option("--kv-cache-dtype", "kv_dtype", type=DTYPE_CHOICE, default=None,
+              help="Dtype of the KV cache pools the graph takes [default: the compute dtype].")
+@click.option("--ssm-state-dtype", "ssm_dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="Dtype of the Mamba SSM state pools.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only after the new one is complete).")
+@handle_errors
+def export(checkpoint: Path, out_dir: Path, dtype: str | None, opset: int, kv_dtype: str | None, ssm_dtype: str,
+           overwrite: bool) -> None:
+    """Export a deploy checkpoint as the ONNX graph of one engine step (what TensorRT builds).
+
+    The engine I/O contract as graph inputs and outputs (ragged step inputs, per-layer KV / conv / SSM pools and
+    their aliased outputs), the Mamba conv, SSD scan, gated norm and paged attention as `trtfalcon` plugin nodes
+    that TensorRT maps to the registered plugins, FP8 linears as explicit Q/DQ, weights as external data
+    (model.onnx + model.onnx.data + export.json manifest + config.json). Streams one tensor at a time; written
+    atomically. `generate` / `bench --backend onnxruntime` run an fp32 export on this machine.
+
+    \b
+    Example:  trtfalcon export runs/tiny-deploy runs/tiny-onnx --dtype fp32
+    """
+    from trtfalcon.export import export_onnx
+
+    state: dict[str, Any] = {}
+
+    def progress(name: str, done: int, total: int) -> None:
+        if "progress" not in state:
+            state["progress"], state["task"] = _progress(total, "export")
+            state["progress"].start()
+        state["progress"].update(state["task"], completed=done, tensor=name)
+
+    try:
+        export_onnx(checkpoint, out_dir, opset=opset, dtype=dtype, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype,
+                    overwrite=overwrite, progress=progress)
+    finally:
+        if "progress" in state:
+            state["progress"].stop()
+    click.echo(f"wrote ONNX export {out_dir} (model.onnx + model.onnx.data, opset {opset})")
+
+
 # ------------------------------------------------------------------------------------------------------ generate
 def runtime_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by every command that runs the runtime (generate, bench)."""
@@ -202,8 +303,9 @@ def _runtime_opts(kw: dict[str, Any]):
 @click.option("--logprobs", default=0, show_default=True, type=click.IntRange(min=0),
               help="Return the top-k log-probs of each generated token.")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at the model's EOS token.")
-@click.option("--backend", type=click.Choice(["torch", "reference"]), default="torch", show_default=True,
-              help="torch: the in-flight-batching runtime; reference: the unbatched oracle model, one prompt at a time.")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "reference"]), default="torch", show_default=True,
+              help="torch: the in-flight-batching runtime; onnxruntime: the same runtime over an fp32 export "
+                   "directory (`trtfalcon export`); reference: the unbatched oracle model, one prompt at a time.")
 @runtime_options
 @click.option("--json", "as_json", is_flag=True, help='One JSON object per prompt: {"token_ids": [...], ...}.')
 @handle_errors
@@ -305,7 +407,8 @@ def _generate_reference(checkpoint: Path, prompts, opts, temperature: float, see
               help="Requests kept in flight; repeatable [default: 32 and 64, the mission's batch sizes].")
 @click.option("--warmup", default=None, type=click.IntRange(min=0),
               help="Warm-up requests before each level, not counted [default: the concurrency, capped at 8].")
-@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="onnxruntime: CHECKPOINT is an fp32 export directory (`trtfalcon export --dtype fp32`).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the synthetic dataset.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/bench"), show_default=True,
               help="Where report.json and throughput.png go.")

@@ -155,6 +155,11 @@ def convert_checkpoint(
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if hf_dir.resolve() == out_dir.resolve():
         raise CheckpointError(f"{out_dir}: the output directory must differ from the input checkpoint")
+    from trtfalcon.checkpoint import fp8  # a ModelOpt FP8 checkpoint: same fold, FP8 weights kept (fp8.py)
+
+    if fp8.is_quantized_hf_checkpoint(hf_dir):
+        return fp8.convert_fp8_checkpoint(hf_dir, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                                          overwrite=overwrite, on_tensor=on_tensor, on_start=on_start)
     ckpt = HFCheckpoint(hf_dir)
     ckpt.validate()
     cfg = ckpt.config
@@ -170,18 +175,24 @@ def convert_checkpoint(
             tmp, specs, lambda s: fold_rows(ckpt.reader, sources[s.name], s.dtype), max_shard_bytes, on_tensor,
             metadata={"producer": "trtfalcon convert", "format": "trtfalcon-deploy"},
         )
-        deploy_cfg = cfg.without_multipliers().to_hf_dict()
-        deploy_cfg["torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
-        deploy_cfg["trtfalcon"] = {
-            "format": "deploy", "version": DEPLOY_FORMAT_VERSION, "dtype": dtype, "folded_multipliers": True,
-            "fused": {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]},
-            "source": str(hf_dir),
-        }
+        deploy_cfg = deploy_config_dict(cfg, dtype, hf_dir)
         (tmp / "config.json").write_text(json.dumps(deploy_cfg, indent=2) + "\n")
         for side in SIDE_FILES:
             if (hf_dir / side).is_file():
                 shutil.copy2(hf_dir / side, tmp / side)
     return out_dir
+
+
+def deploy_config_dict(cfg: FalconH1Config, dtype: str, source: Path) -> dict:
+    """config.json of a deploy checkpoint: the folded config plus trtfalcon's format record."""
+    deploy_cfg = cfg.without_multipliers().to_hf_dict()
+    deploy_cfg["torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    deploy_cfg["trtfalcon"] = {
+        "format": "deploy", "version": DEPLOY_FORMAT_VERSION, "dtype": dtype, "folded_multipliers": True,
+        "fused": {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]},
+        "source": str(source),
+    }
+    return deploy_cfg
 
 
 def is_deploy_checkpoint(directory: str | Path) -> bool:

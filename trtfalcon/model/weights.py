@@ -15,7 +15,7 @@ from trtfalcon.checkpoint.hf import HFCheckpoint
 from trtfalcon.checkpoint.safetensors_io import SafetensorsReader, torch_dtype
 from trtfalcon.config import DEPLOY_FORMAT_VERSION, FalconH1Config
 from trtfalcon.errors import CheckpointError
-from trtfalcon.quantize.fp8_format import FP8_DTYPE, dequantize_weight
+from trtfalcon.quantize.fp8_format import FP8_DTYPE, dequantize_weight, fp8_tensor_specs
 
 
 @dataclass
@@ -55,6 +55,11 @@ def load_weights(directory: str | Path, dtype: str | None = None) -> DeployWeigh
     directory = Path(directory)
     if is_deploy_checkpoint(directory):
         return _load_deploy(directory, dtype)
+    from trtfalcon.checkpoint import fp8
+
+    if fp8.is_quantized_hf_checkpoint(directory):  # ModelOpt FP8: folded in memory, FP8 weights kept
+        cfg, tensors = fp8.load_fp8_hf(directory, dtype or "fp32")
+        return DeployWeights(cfg, tensors, torch_dtype(dtype or "fp32"))
     return fold_hf(directory, dtype or "fp32")
 
 
@@ -85,13 +90,21 @@ def _load_deploy(directory: Path, dtype: str | None) -> DeployWeights:
     reader = SafetensorsReader(directory)
     reader.check_index()
     expected = deploy_tensor_shapes(cfg)
+    # FP8 weights stay float8 and their scales fp32 (never cast to the compute dtype); quantize/fp8_format.py
+    fp8 = fp8_tensor_specs(expected, cfg.num_hidden_layers, meta.get("quantization"), str(directory / "config.json"))
     tensors = {}
-    for name, shape in expected.items():
+    for name in {**expected, **fp8}:
+        shape, want = fp8.get(name) or (expected[name], deploy_dtype_of(name, tdtype))
+        if name in fp8 and name not in reader:
+            raise CheckpointError(f"{directory}: tensor '{name}' is missing (config.json declares FP8 "
+                                  f"quantization, which needs it: quantize/fp8_format.py)")
         info = reader.info(name)
         if info.shape != shape:
             raise CheckpointError(f"{info.file}: tensor '{name}' has shape {list(info.shape)}, expected {list(shape)}")
-        tensors[name] = reader.get(name).to(deploy_dtype_of(name, tdtype))
-    extra = sorted(set(reader.tensors) - set(expected))
+        if name in fp8 and info.dtype != want:
+            raise CheckpointError(f"{info.file}: tensor '{name}' has dtype {info.dtype}, expected {want}")
+        tensors[name] = reader.get(name).to(want)
+    extra = sorted(set(reader.tensors) - set(expected) - set(fp8))
     if extra:
         raise CheckpointError(f"{directory}: unexpected tensors {extra[:5]} for a deploy checkpoint of this config")
     return DeployWeights(cfg, tensors, tdtype)

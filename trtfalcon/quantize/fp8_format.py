@@ -51,3 +51,61 @@ def dequantize_weight(weight: torch.Tensor, weight_scale: torch.Tensor, dtype: t
 def weight_scale_per_tensor(w: torch.Tensor) -> torch.Tensor:
     """ModelOpt's "max" calibration for a weight: amax / 448 (at least a tiny positive number)."""
     return (w.float().abs().max() / FP8_MAX).clamp(min=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which deploy tensors FP8 adds or retypes (read by the deploy loader and written by the FP8 converter, so that
+# both agree on one list). Extension of the format above; nothing in it changes the semantics.
+#
+# config.json "trtfalcon.quantization.exclude_modules" lists deploy linears ("layers.3.mamba.in_proj") that stay
+# in the deploy dtype although QUANTIZED_LINEARS names them: a conservative calibration (ModelOpt config that keeps
+# the Mamba projections in bf16) or a fused linear whose HF sources were not all quantized. Embeddings, norms,
+# conv1d, A_log/D/dt_bias and lm_head are never quantized and are never listed.
+
+KV_SCALES = ("attn.k_scale", "attn.v_scale")
+
+
+def quantization_meta(kv_cache_fp8: bool, exclude_modules: list[str] | tuple[str, ...] = ()) -> dict:
+    """The "trtfalcon.quantization" object of a deploy config.json."""
+    return {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if kv_cache_fp8 else None,
+            "exclude_modules": sorted(exclude_modules)}
+
+
+def quantized_linears(num_layers: int, quantization: dict, source: str = "config.json") -> list[str]:
+    """Deploy names ("layers.{i}.attn.qkv_proj") of the FP8 linears a quantization object describes."""
+    from trtfalcon.errors import ConfigError
+
+    algo = quantization.get("quant_algo")
+    if algo != "FP8":
+        raise ConfigError(f"{source}: trtfalcon.quantization.quant_algo: expected 'FP8', found {algo!r}")
+    kv = quantization.get("kv_cache_quant_algo")
+    if kv not in (None, "FP8"):
+        raise ConfigError(f"{source}: trtfalcon.quantization.kv_cache_quant_algo: expected 'FP8' or null, found {kv!r}")
+    every = [f"layers.{i}.{leaf}" for i in range(num_layers) for leaf in QUANTIZED_LINEARS]
+    exclude = quantization.get("exclude_modules") or []
+    unknown = sorted(set(exclude) - set(every))
+    if unknown:
+        raise ConfigError(f"{source}: trtfalcon.quantization.exclude_modules names {unknown[:3]}, which are not "
+                          f"quantizable deploy linears (expected names like 'layers.0.mamba.in_proj')")
+    return [name for name in every if name not in set(exclude)]
+
+
+def fp8_tensor_specs(
+    weight_shapes: dict[str, tuple[int, ...]], num_layers: int, quantization: dict | None, source: str = "config.json",
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Deploy tensor -> (shape, dtype) for every tensor FP8 adds or retypes; empty without quantization.
+
+    weight_shapes: the deploy tensor shapes (checkpoint.convert.deploy_tensor_shapes)."""
+    if not quantization:
+        return {}
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name in quantized_linears(num_layers, quantization, source):
+        rows = weight_shapes[f"{name}.weight"][0]
+        specs[f"{name}.weight"] = (weight_shapes[f"{name}.weight"], FP8_DTYPE)
+        specs[f"{name}.weight_scale"] = ((rows,), torch.float32)
+        specs[f"{name}.input_scale"] = ((), torch.float32)
+    if quantization.get("kv_cache_quant_algo") == "FP8":
+        for i in range(num_layers):
+            for leaf in KV_SCALES:
+                specs[f"layers.{i}.{leaf}"] = ((), torch.float32)
+    return specs
