@@ -14,7 +14,7 @@ import torch
 from trtfalcon.config import FalconH1Config
 from trtfalcon.runtime.executors.base import Executor
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime")
 KERNELS = ("auto", "torch", "reference", "triton")
 
 
@@ -56,5 +56,18 @@ def create_executor(backend: str, checkpoint: str | Path, opts: RuntimeOptions) 
             weights, num_blocks=num_blocks, block_size=opts.block_size, num_slots=opts.max_batch_size,
             device=opts.device, kernels=opts.kernels, kv_dtype=opts.kv_dtype, ssm_dtype=opts.ssm_dtype,
         )
+        return executor, cfg
+    if backend == "onnxruntime":
+        # `checkpoint` is an export directory (trtfalcon export ... --dtype fp32): the graph, not the weights, runs
+        from trtfalcon.export.onnx import load_export_config, read_manifest
+        from trtfalcon.runtime.executors.onnxruntime import OnnxRuntimeExecutor
+
+        read_manifest(checkpoint)  # a clear error when CHECKPOINT is not an export directory
+        cfg = load_export_config(checkpoint)
+        max_seq_len = opts.resolved_max_seq_len(cfg)
+        num_blocks = opts.num_blocks or opts.max_batch_size * math.ceil(max_seq_len / opts.block_size)
+        executor = OnnxRuntimeExecutor(checkpoint, num_blocks=num_blocks, block_size=opts.block_size,
+                                       num_slots=opts.max_batch_size, num_threads=opts.num_threads,
+                                       kernels=opts.kernels)
         return executor, cfg
     raise ValueError(f"backend: expected one of {BACKENDS}, found {backend!r}")

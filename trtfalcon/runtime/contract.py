@@ -46,6 +46,13 @@ def cache_names(num_layers: int) -> list[str]:
     return [f"{kind}.{i}" for i in range(num_layers) for kind in ("kv_cache", "conv_state", "ssm_state")]
 
 
+def cache_output_name(pool: str) -> str:
+    """The graph output aliasing pool `pool` (kv_cache.3 -> kv_cache_out.3): the same memory after the step, as
+    the plugin outputs it aliases are named in plugins/spec.py (kv_cache_out, conv_state_out, ssm_state_out)."""
+    kind, layer = pool.split(".")
+    return f"{kind}_out.{layer}"
+
+
 @dataclass
 class StepBatch:
     """Host-side inputs of one step (int32 CPU tensors, as the contract names them)."""

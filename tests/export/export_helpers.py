@@ -1,0 +1,91 @@
+"""Step scenarios (prefill chunks, mixed, decode, slot reuse) and an FP8 deploy checkpoint made in the test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from trtfalcon.model import layers
+from trtfalcon.model.layers import FalconH1Model
+from trtfalcon.model.weights import DeployWeights, load_weights
+from trtfalcon.plugins.ops import get_ops
+from trtfalcon.quantize.fp8_format import FP8_MAX, QUANTIZED_LINEARS, quantize_fp8
+from trtfalcon.runtime.contract import StepBatch
+
+BLOCK_SIZE, NUM_BLOCKS, NUM_SLOTS = 4, 24, 4
+
+
+def step(vocab: int, seqs: list[tuple[int, int, int, int]], gen: torch.Generator) -> StepBatch:
+    """seqs: (new tokens, tokens already cached, state slot, first block) per sequence; blocks are contiguous."""
+    lens = [s[0] for s in seqs]
+    ids = torch.randint(0, vocab, (sum(lens),), generator=gen, dtype=torch.int32)
+    positions = torch.cat([torch.arange(c, c + n) for n, c, _, _ in seqs]).int()
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    tables = torch.tensor([[b + j for j in range(6)] for *_, b in seqs], dtype=torch.int32)
+    return StepBatch(ids, positions, cu, torch.tensor([s[1] for s in seqs], dtype=torch.int32),
+                     torch.tensor([s[2] for s in seqs], dtype=torch.int32), tables)
+
+
+def scenario(vocab: int, seed: int = 0) -> list[tuple[str, StepBatch]]:
+    """Steps of three sequences A (slot 0, blocks 0-5), B (slot 2, blocks 6-11), C (slot 1, blocks 12-17):
+    prefill chunks crossing the SSD chunk (8) and block (4) sizes, a mixed step, decode, then slot reuse (D starts
+    fresh in A's slot, which still holds A's state: context_lens 0 must ignore it)."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        ("prefill chunks", step(vocab, [(5, 0, 0, 0), (9, 0, 2, 6)], g)),
+        ("mixed", step(vocab, [(1, 5, 0, 0), (4, 9, 2, 6), (7, 0, 1, 12)], g)),
+        ("decode", step(vocab, [(1, 6, 0, 0), (1, 13, 2, 6), (1, 7, 1, 12)], g)),
+        ("slot reuse", step(vocab, [(6, 0, 0, 18), (1, 14, 2, 6)], g)),
+        ("decode after reuse", step(vocab, [(1, 6, 0, 18), (1, 8, 1, 12), (1, 15, 2, 6)], g)),
+    ]
+
+
+def calibrate_input_amax(weights: DeployWeights, batch: StepBatch) -> dict[str, float]:
+    """max |x| of each linear's input over one prefill (ModelOpt's "max" calibration, done by hand)."""
+    amax: dict[str, float] = {}
+    original = layers.linear
+
+    def recording(x, w, name):
+        amax[name] = max(amax.get(name, 0.0), float(x.abs().max()))
+        return original(x, w, name)
+
+    layers.linear = recording
+    try:
+        cfg = weights.config
+        pools = {}
+        for i in range(cfg.num_hidden_layers):
+            pools[f"kv_cache.{i}"] = torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim)
+            pools[f"conv_state.{i}"] = torch.zeros(NUM_SLOTS, cfg.conv_dim, cfg.conv_state_len)
+            pools[f"ssm_state.{i}"] = torch.zeros(NUM_SLOTS, cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state)
+        FalconH1Model(weights, get_ops("torch")).forward(batch, pools)
+    finally:
+        layers.linear = original
+    return amax
+
+
+def make_fp8_deploy(deploy_dir: Path, out: Path) -> DeployWeights:
+    """An FP8 deploy checkpoint per trtfalcon/quantize/fp8_format.py from an fp32 one: per-row weight scales
+    (row amax / 448), per-tensor input scales from a calibration prefill. Returns the same tensors as DeployWeights
+    (what the torch executor runs, fake-quantized)."""
+    weights = load_weights(deploy_dir)
+    cfg = weights.config
+    calib = step(cfg.vocab_size, [(12, 0, 0, 0), (7, 0, 1, 6)], torch.Generator().manual_seed(7))
+    amax = calibrate_input_amax(weights, calib)
+    tensors = dict(weights.tensors)
+    for i in range(cfg.num_hidden_layers):
+        for leaf in QUANTIZED_LINEARS:
+            name = f"layers.{i}.{leaf}"
+            w = tensors[f"{name}.weight"]
+            scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+            tensors[f"{name}.weight"] = quantize_fp8(w, scale[:, None])
+            tensors[f"{name}.weight_scale"] = scale.float()
+            tensors[f"{name}.input_scale"] = torch.tensor(amax[name] / FP8_MAX, dtype=torch.float32)
+    out.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out / "model.safetensors")
+    raw = json.loads((deploy_dir / "config.json").read_text())
+    raw["trtfalcon"]["quantization"] = {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": []}
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    return DeployWeights(cfg, tensors, torch.float32)

@@ -1,0 +1,135 @@
+"""The deploy checkpoint as the exporter reads it: validated up front, then streamed one tensor (chunk) at a time.
+
+Everything that can be wrong with the input is found here, before a byte is written: not a deploy checkpoint,
+wrong format version, a missing / misshapen / extra tensor, an FP8 linear without its scales, an FP8 tensor
+where FP8 is not allowed (conv1d, lm_head, norms, embeddings), an FP8 KV cache the attention plugin cannot hold.
+
+FP8 linears are recognised by their weight's dtype (float8_e4m3fn), the one definition of the format being
+trtfalcon/quantize/fp8_format.py: each FP8 linear X has X.weight (fp8, rows x cols), X.weight_scale (fp32,
+(rows,)) and X.input_scale (fp32, ()). Only the linears in QUANTIZED_LINEARS may be FP8.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trtfalcon.checkpoint.convert import deploy_dtype_of, deploy_tensor_shapes, is_deploy_checkpoint
+from trtfalcon.checkpoint.safetensors_io import SafetensorsReader, row_chunks, torch_dtype
+from trtfalcon.config import DEPLOY_FORMAT_VERSION, FalconH1Config
+from trtfalcon.errors import CheckpointError
+from trtfalcon.quantize.fp8_format import FP8_DTYPE, QUANTIZED_LINEARS
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass
+class DeploySource:
+    directory: Path
+    config: FalconH1Config
+    raw_config: dict
+    stored_dtype: str  # the deploy dtype the checkpoint was written in (bf16, fp16, fp32)
+    reader: SafetensorsReader
+    fp8_linears: tuple[str, ...]  # e.g. "layers.0.attn.qkv_proj", in checkpoint order
+
+    @property
+    def is_fp8(self) -> bool:
+        return bool(self.fp8_linears)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.reader.info(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.reader.info(name).dtype
+
+    def chunks(self, name: str, dtype: torch.dtype, budget: int = 64 * 2**20) -> Iterator[torch.Tensor]:
+        """Tensor `name` cast to `dtype`, in dim-0 row chunks of at most `budget` working bytes (peak memory is
+        one chunk, whatever the tensor's size). Scalars and FP8 tensors (already their final bytes) too."""
+        info = self.reader.info(name)
+        if len(info.shape) == 0:
+            yield self.reader.get(name).to(dtype)
+            return
+        row_bytes = 4 * math.prod(info.shape[1:])
+        for start, end in row_chunks(info.shape[0], row_bytes, budget):
+            yield self.reader.get_rows(name, start, end).to(dtype)
+
+
+def open_deploy_checkpoint(directory: str | Path) -> DeploySource:
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory (expected a deploy checkpoint from `trtfalcon convert`)")
+    if not is_deploy_checkpoint(directory):
+        what = "has no config.json" if not cfg_path.is_file() else 'has no "trtfalcon": {"format": "deploy"} in config.json'
+        raise CheckpointError(
+            f"{directory}: not a deploy checkpoint ({what}). export reads the output of `trtfalcon convert`: run "
+            f"`trtfalcon convert {directory} DEPLOY_DIR` (or `trtfalcon quantize` then convert, for FP8) first"
+        )
+    raw = json.loads(cfg_path.read_text())
+    meta = raw["trtfalcon"]
+    if meta.get("version") != DEPLOY_FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_path}: trtfalcon.version is {meta.get('version')!r}, this trtfalcon reads "
+                              f"{DEPLOY_FORMAT_VERSION}; re-run `trtfalcon convert`")
+    cfg = FalconH1Config.from_hf_dict(raw, source=str(cfg_path))
+    if cfg.has_multipliers:
+        raise CheckpointError(f"{cfg_path}: a deploy checkpoint must have every multiplier at 1.0 (they are folded)")
+    stored = str(meta.get("dtype", "bf16"))
+    torch_dtype(stored)  # validates the name
+    quant = meta.get("quantization") or {}
+    if quant.get("kv_cache_quant_algo"):
+        raise CheckpointError(
+            f"{cfg_path}: trtfalcon.quantization.kv_cache_quant_algo is {quant['kv_cache_quant_algo']!r}; the "
+            "paged_attention plugin keeps its KV cache in float32/bfloat16/float16 only (plugins/spec.py), so an "
+            "FP8 KV cache cannot be exported yet: quantize without --kv-cache-dtype fp8"
+        )
+    reader = SafetensorsReader(directory)
+    reader.check_index()
+    expected = deploy_tensor_shapes(cfg)
+    for name, shape in expected.items():
+        info = reader.info(name)  # names the missing tensor
+        if info.shape != shape:
+            raise CheckpointError(f"{info.file}: tensor '{name}' has shape {list(info.shape)}, expected {list(shape)}")
+
+    fp8: list[str] = []
+    allowed = {f"layers.{i}.{leaf}" for i in range(cfg.num_hidden_layers) for leaf in QUANTIZED_LINEARS}
+    scales: set[str] = set()
+    for name in expected:
+        info = reader.info(name)
+        if info.dtype != FP8_DTYPE:
+            want = deploy_dtype_of(name, info.dtype)
+            if info.dtype not in DTYPE_NAMES or (want == torch.float32 and info.dtype != torch.float32):
+                raise CheckpointError(f"{info.file}: tensor '{name}' has dtype {info.dtype}, expected "
+                                      f"{'float32' if want == torch.float32 else 'bf16, fp16 or fp32'}")
+            continue
+        linear = name.removesuffix(".weight")
+        if linear not in allowed or not name.endswith(".weight"):
+            raise CheckpointError(
+                f"{info.file}: tensor '{name}' is float8_e4m3fn, but only the linears "
+                f"{', '.join(QUANTIZED_LINEARS)} of each layer may be FP8 (conv1d, norms, embeddings and lm_head "
+                "stay in the deploy dtype; trtfalcon/quantize/fp8_format.py)"
+            )
+        rows = info.shape[0]
+        for leaf, shape in (("weight_scale", (rows,)), ("input_scale", ())):
+            sname = f"{linear}.{leaf}"
+            if sname not in reader:
+                raise CheckpointError(
+                    f"{directory}: FP8 linear '{linear}' has a float8_e4m3fn weight but no '{sname}' (expected "
+                    f"float32 of shape {list(shape)}); the checkpoint is incomplete: re-run `trtfalcon quantize` / "
+                    "`trtfalcon convert`"
+                )
+            s = reader.info(sname)
+            if s.shape != shape or s.dtype != torch.float32:
+                raise CheckpointError(f"{s.file}: tensor '{sname}' is {s.dtype} of shape {list(s.shape)}, expected "
+                                      f"torch.float32 of shape {list(shape)}")
+            scales.add(sname)
+        fp8.append(linear)
+    extra = sorted(set(reader.tensors) - set(expected) - scales)
+    if extra:
+        raise CheckpointError(f"{directory}: unexpected tensors {extra[:5]} for a deploy checkpoint of this config "
+                              "(a scale without an FP8 weight, or a checkpoint of another shape)")
+    return DeploySource(directory, cfg, raw, stored, reader, tuple(fp8))
