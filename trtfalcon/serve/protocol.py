@@ -88,8 +88,15 @@ def outputs(has_tokenizer: bool) -> tuple[TensorSpec, ...]:
 
 
 def input_spec(name: str) -> TensorSpec:
-    return next(s for s in INPUTS if s.name == name)
+    for s in INPUTS:
+        if s.name == name:
+            return s
+    raise KeyError(f"input {name!r}: not an input of the served model (known: {', '.join(s.name for s in INPUTS)})")
 
 
 def output_spec(name: str) -> TensorSpec:
-    return next(s for s in OUTPUTS if s.name == name)
+    for s in OUTPUTS:
+        if s.name == name:
+            return s
+    raise KeyError(f"output {name!r}: not an output of the served model (known: "
+                   f"{', '.join(s.name for s in OUTPUTS)})")

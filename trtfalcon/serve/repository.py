@@ -170,11 +170,11 @@ def write_repository(out: str | Path, *, model_dir: str | Path, backend: str, mo
         raise ConfigError(f"{model_dir}: expected a checkpoint or engine directory, found none")
     if backend not in SERVE_BACKENDS:
         raise ConfigError(f"backend: expected one of {SERVE_BACKENDS}, found {backend!r}")
+    if backend == "tensorrt" and not plan.gpus:
+        raise ConfigError("gpus: the tensorrt backend runs on GPUs only; give at least one GPU (--gpus 0)")
     if backend not in BACKENDS:
         raise ConfigError(f"backend: {backend!r} has no executor in this trtfalcon yet (available: "
                           f"{', '.join(BACKENDS)})")
-    if backend == "tensorrt" and not plan.gpus:
-        raise ConfigError("gpus: the tensorrt backend runs on GPUs only; give at least one GPU (--gpus 0)")
     if plan.count < 1:
         raise ConfigError(f"instances: expected at least 1 per GPU (or on the CPU), found {plan.count}")
     if not model_name or not all(c.isalnum() or c in "-_." for c in model_name):
