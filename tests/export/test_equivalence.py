@@ -23,10 +23,10 @@ def executors(deploy, export, **sizes):
 def assert_same_step(torch_ex, ort_ex, batch, what):
     expected, got = torch_ex.execute(batch), ort_ex.execute(batch)
     assert got.dtype == torch.float32 and got.shape == (batch.num_seqs, torch_ex.vocab_size)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: logits: {m}")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: logits: {m}")
     assert torch.equal(got.argmax(-1), expected.argmax(-1)), what
     for name, pool in torch_ex.pools.items():
-        torch.testing.assert_close(ort_ex.pools[name], pool, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {name}: {m}")
+        torch.testing.assert_close(ort_ex.pools[name], pool, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {name}: {m}")
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -4,9 +4,9 @@ Everything that can be wrong with the input is found here, before a byte is writ
 wrong format version, a missing / misshapen / extra tensor, an FP8 linear without its scales, an FP8 tensor
 where FP8 is not allowed (conv1d, lm_head, norms, embeddings), an FP8 KV cache the attention plugin cannot hold.
 
-FP8 linears are recognised by their weight's dtype (float8_e4m3fn), the one definition of the format being
-trtfalcon/quantize/fp8_format.py: each FP8 linear X has X.weight (fp8, rows x cols), X.weight_scale (fp32,
-(rows,)) and X.input_scale (fp32, ()). Only the linears in QUANTIZED_LINEARS may be FP8.
+FP8 follows trtfalcon/quantize/fp8_format.py, the one definition of the format: config.json's
+"trtfalcon.quantization" says which linears are FP8 (QUANTIZED_LINEARS of every layer minus exclude_modules), and
+each FP8 linear X has X.weight (float8_e4m3fn, rows x cols), X.weight_scale (fp32, (rows,)), X.input_scale (fp32, ()).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from trtfalcon.checkpoint.convert import deploy_dtype_of, deploy_tensor_shapes, 
 from trtfalcon.checkpoint.safetensors_io import SafetensorsReader, row_chunks, torch_dtype
 from trtfalcon.config import DEPLOY_FORMAT_VERSION, FalconH1Config
 from trtfalcon.errors import CheckpointError
-from trtfalcon.quantize.fp8_format import FP8_DTYPE, QUANTIZED_LINEARS
+from trtfalcon.quantize.fp8_format import FP8_DTYPE, QUANTIZED_LINEARS, fp8_tensor_specs, quantized_linears
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -95,41 +95,37 @@ def open_deploy_checkpoint(directory: str | Path) -> DeploySource:
         if info.shape != shape:
             raise CheckpointError(f"{info.file}: tensor '{name}' has shape {list(info.shape)}, expected {list(shape)}")
 
-    fp8: list[str] = []
-    allowed = {f"layers.{i}.{leaf}" for i in range(cfg.num_hidden_layers) for leaf in QUANTIZED_LINEARS}
-    scales: set[str] = set()
+    # FP8: which tensors the config's quantization record adds or retypes (one list, quantize/fp8_format.py)
+    quant_specs = fp8_tensor_specs(expected, cfg.num_hidden_layers, quant or None, str(cfg_path))
+    for name, (shape, dtype) in quant_specs.items():
+        if name not in reader:
+            linear = name.rsplit(".", 1)[0]
+            raise CheckpointError(
+                f"{directory}: FP8 linear '{linear}' has no '{name}' (expected {dtype} of shape {list(shape)}; "
+                f"config.json declares FP8 quantization); the checkpoint is incomplete: re-run `trtfalcon quantize` "
+                "/ `trtfalcon convert`"
+            )
+        info = reader.info(name)
+        if info.shape != shape or info.dtype != dtype:
+            raise CheckpointError(f"{info.file}: tensor '{name}' is {info.dtype} of shape {list(info.shape)}, "
+                                  f"expected {dtype} of shape {list(shape)} (an FP8 deploy tensor)")
     for name in expected:
         info = reader.info(name)
-        if info.dtype != FP8_DTYPE:
-            want = deploy_dtype_of(name, info.dtype)
-            if info.dtype not in DTYPE_NAMES or (want == torch.float32 and info.dtype != torch.float32):
-                raise CheckpointError(f"{info.file}: tensor '{name}' has dtype {info.dtype}, expected "
-                                      f"{'float32' if want == torch.float32 else 'bf16, fp16 or fp32'}")
+        if name in quant_specs:
             continue
-        linear = name.removesuffix(".weight")
-        if linear not in allowed or not name.endswith(".weight"):
+        if info.dtype == FP8_DTYPE:
             raise CheckpointError(
-                f"{info.file}: tensor '{name}' is float8_e4m3fn, but only the linears "
-                f"{', '.join(QUANTIZED_LINEARS)} of each layer may be FP8 (conv1d, norms, embeddings and lm_head "
-                "stay in the deploy dtype; trtfalcon/quantize/fp8_format.py)"
+                f"{info.file}: tensor '{name}' is float8_e4m3fn, but config.json's trtfalcon.quantization does not "
+                f"make it an FP8 linear (only {', '.join(QUANTIZED_LINEARS)} of each layer may be FP8; conv1d, "
+                "norms, embeddings and lm_head stay in the deploy dtype: quantize/fp8_format.py)"
             )
-        rows = info.shape[0]
-        for leaf, shape in (("weight_scale", (rows,)), ("input_scale", ())):
-            sname = f"{linear}.{leaf}"
-            if sname not in reader:
-                raise CheckpointError(
-                    f"{directory}: FP8 linear '{linear}' has a float8_e4m3fn weight but no '{sname}' (expected "
-                    f"float32 of shape {list(shape)}); the checkpoint is incomplete: re-run `trtfalcon quantize` / "
-                    "`trtfalcon convert`"
-                )
-            s = reader.info(sname)
-            if s.shape != shape or s.dtype != torch.float32:
-                raise CheckpointError(f"{s.file}: tensor '{sname}' is {s.dtype} of shape {list(s.shape)}, expected "
-                                      f"torch.float32 of shape {list(shape)}")
-            scales.add(sname)
-        fp8.append(linear)
-    extra = sorted(set(reader.tensors) - set(expected) - scales)
+        want = deploy_dtype_of(name, info.dtype)
+        if info.dtype not in DTYPE_NAMES or (want == torch.float32 and info.dtype != torch.float32):
+            raise CheckpointError(f"{info.file}: tensor '{name}' has dtype {info.dtype}, expected "
+                                  f"{'float32' if want == torch.float32 else 'bf16, fp16 or fp32'}")
+    extra = sorted(set(reader.tensors) - set(expected) - set(quant_specs))
     if extra:
         raise CheckpointError(f"{directory}: unexpected tensors {extra[:5]} for a deploy checkpoint of this config "
-                              "(a scale without an FP8 weight, or a checkpoint of another shape)")
+                              "(FP8 scales without FP8 in config.json, or a checkpoint of another shape)")
+    fp8 = quantized_linears(cfg.num_hidden_layers, quant, str(cfg_path)) if quant else []
     return DeploySource(directory, cfg, raw, stored, reader, tuple(fp8))
