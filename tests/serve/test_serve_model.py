@@ -3,73 +3,14 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from conftest import RUNTIME, word
 from pb_utils_stand_in import InferenceRequest, TritonError
+from serve_helpers import F32, I32, RUNTIME, cli_generate, error, finish, load_model_py, req, tokens, word
 
-from trtfalcon.cli import main
-
-I32, F32 = np.int32, np.float32
-
-
-def req(ids=None, *, rid="", **inputs) -> InferenceRequest:
-    arrays = {}
-    if ids is not None:
-        arrays["input_ids"] = np.asarray(ids, dtype=I32)
-    for name, value in inputs.items():
-        if isinstance(value, np.ndarray):
-            arrays[name] = value
-        elif isinstance(value, bool):
-            arrays[name] = np.array([value])
-        elif isinstance(value, float):
-            arrays[name] = np.array([value], dtype=F32)
-        elif isinstance(value, str):
-            arrays[name] = np.array([value.encode()], dtype=object)
-        elif name == "seed":
-            arrays[name] = np.array([value], dtype=np.int64)
-        else:
-            arrays[name] = np.array([value], dtype=I32)
-    return InferenceRequest(arrays, rid)
-
-
-def finish(*requests: InferenceRequest, timeout: float = 60.0) -> None:
-    """Wait for every request's FINAL flag; then check it came exactly once, last, with no protocol errors."""
-    for r in requests:
-        assert r.sender.done.wait(timeout), f"request {r.id!r} never ended"
-    time.sleep(0.05)  # a second FINAL (a bug) would arrive now
-    for r in requests:
-        assert r.sender.final_count == 1, (r.id, r.sender.final_count)
-        assert r.sender.errors == [], (r.id, r.sender.errors)
-
-
-def tokens(r: InferenceRequest) -> list[int]:
-    assert not r.sender.responses[-1].has_error(), r.sender.responses[-1].error().message()
-    return [t for resp in r.sender.responses for t in resp.outputs()["output_ids"].tolist()]
-
-
-def error(r: InferenceRequest) -> tuple[int, str]:
-    [resp] = r.sender.responses
-    assert resp.has_error() and resp.outputs() == {}
-    return resp.error().code(), resp.error().message()
-
-
-def cli_generate(ckpt, prompts: list[tuple[list[int], int]], *extra) -> list[dict]:
-    """`trtfalcon generate --prompts-file` with the repository's runtime sizing: the reference for the server."""
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "p.jsonl"
-        f.write_text("\n".join(json.dumps({"prompt_ids": p, "max_new_tokens": n}) for p, n in prompts))
-        sizing = [f"--{k.replace('_', '-')}={v}" for k, v in RUNTIME.items()]
-        r = CliRunner().invoke(main, ["generate", str(ckpt), "--prompts-file", str(f), "--json", *sizing, *extra])
-    assert r.exit_code == 0, r.output
-    return [json.loads(line) for line in r.output.strip().splitlines()]
+from trtfalcon.serve.repository import write_repository
 
 
 PROMPTS = [([1, 2, 3], 9), ([7] * 20, 5), ([40, 41], 12), (list(range(3, 40)), 6), ([200, 100, 50, 25], 8),
@@ -229,10 +170,6 @@ def test_executor_failure_ends_that_step_only(ids_model, ids_ckpt, monkeypatch):
 
 
 def test_finalize_ends_requests_in_flight(ids_ckpt, tmp_path):
-    from conftest import load_model_py
-
-    from trtfalcon.serve.repository import write_repository
-
     model = load_model_py(write_repository(tmp_path, model_dir=ids_ckpt, backend="torch", runtime=RUNTIME))
     rs = [req([3, 4], max_tokens=60, ignore_eos=True, stream=True) for _ in range(6)]
     model.execute(rs)
@@ -346,3 +283,34 @@ def test_text_stream_holds_back_a_possible_stop_word():
     assert ts.take() == ""
     ts.add([ord("z")])
     assert ts.stopped and ts.take() == "" and ts.text == "xyabx"
+
+
+def test_engine_admission_rejection_and_a_failing_sender(ids_ckpt, tmp_path):
+    """A request that passes the model's checks but not the engine's (needs more KV blocks than a small pool has)
+    gets INVALID_ARG; a sender that raises (client gone) ends only its own request; the loop keeps serving."""
+    model = load_model_py(write_repository(tmp_path, model_dir=ids_ckpt, backend="torch",
+                                           runtime={**RUNTIME, "num_blocks": 3, "block_size": 8}))
+    try:
+        too_big = req(list(range(3, 33)), max_tokens=20)  # 49 cached tokens = 7 blocks > 3
+        broken = req([3, 4], max_tokens=5, stream=True)
+        calls = {"n": 0}
+        real_send = broken.sender.send
+
+        def send(response=None, flags=0):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("stub: client disconnected")
+            real_send(response, flags)
+
+        broken.sender.send = send
+        ok = req([5, 6], max_tokens=4, stream=True)
+        model.execute([too_big, broken, ok])
+        finish(too_big, broken, ok)
+        code, text = error(too_big)
+        assert code == TritonError.INVALID_ARG and "rejected" in text and "blocks" in text
+        assert broken.sender.responses[-1].has_error() and "client disconnected" in \
+            broken.sender.responses[-1].error().message()
+        assert len(tokens(ok)) == 4
+        assert not model.model.engine.scheduler.live
+    finally:
+        model.finalize()

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import RUNTIME, load_model_py
 from google.protobuf import text_format
 from pb_utils_stand_in import InferenceRequest
+from serve_helpers import RUNTIME, load_model_py
 from tritonclient.grpc import model_config_pb2
 
 from trtfalcon.cli import main

@@ -13,8 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import RUNTIME
-from test_model import cli_generate
+from serve_helpers import RUNTIME, cli_generate
 
 from trtfalcon.serve.repository import write_repository
 

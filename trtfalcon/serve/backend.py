@@ -10,8 +10,9 @@ Every request ends exactly once with TRITONSERVER_RESPONSE_COMPLETE_FINAL_FLAG, 
 - rejected in execute (missing input, wrong dtype or shape, ids outside the vocab, too long, bad sampling
   params): an error response, FINAL, before it reaches the engine;
 - its last token ("length" or "stop" from the engine, or a stop word found in the text): FINAL with that token;
-- ended by the engine with an error (rejected at add time, or its step's executor call failed), or by a failure
-  while building its response: an error response, FINAL;
+- rejected by the engine's own admission checks (e.g. it needs more KV blocks than the pool has): INVALID_ARG;
+- ended by the engine with an error (its step's executor call failed), or by a failure while building or sending
+  its response: an error response, FINAL;
 - cancelled by the client (the sender's is_cancelled()): engine.cancel frees its KV blocks and state slot at
   once; a CANCELLED error response, FINAL;
 - the instance unloads (finalize) or the engine loop itself fails: an UNAVAILABLE / INTERNAL error, FINAL.
@@ -36,8 +37,8 @@ import numpy as np
 from trtfalcon.errors import RequestError
 from trtfalcon.runtime.request import Request, StreamDelta, TokenLogprobs
 from trtfalcon.serve.repository import ServeSettings, runtime_options
-from trtfalcon.serve.requests import ParsedRequest, ServeLimits, parse_request
-from trtfalcon.serve.text import TextStream, load_tokenizer
+from trtfalcon.serve.requests import ParsedRequest, parse_request, serve_limits
+from trtfalcon.serve.text import LockedTokenizer, TextStream, load_tokenizer
 
 log = logging.getLogger("trtfalcon.serve")
 
@@ -78,8 +79,10 @@ class ServedModel:
                                 max_seq_len=max_seq_len, eos_token_ids=cfg.eos_token_id, seed=settings.seed,
                                 stream=True, log_steps=False)
         tok_dir = settings.resolve(version_dir, "tokenizer_dir")
-        self.tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
-        self.limits = ServeLimits(vocab_size=cfg.vocab_size, max_seq_len=max_seq_len, **settings.limits)
+        # Triton's thread encodes while the engine thread decodes: one lock around the tokenizer (HF fast
+        # tokenizers raise "Already borrowed" when their Rust object is used from two threads at once).
+        self.tokenizer = LockedTokenizer(load_tokenizer(tok_dir)) if tok_dir is not None else None
+        self.limits = serve_limits(settings.limits, vocab_size=cfg.vocab_size, max_seq_len=max_seq_len)
         self._ids = itertools.count()
         self._cv = threading.Condition()
         self._inbox: list[tuple[Request, _Live]] = []  # guarded by _cv; everything below is the engine thread's
@@ -158,21 +161,26 @@ class ServedModel:
                 new, self._inbox = self._inbox, []
             try:
                 for request, live in new:
-                    self._live[request.request_id] = live
-                    engine.add_request(request)  # a request the engine rejects ends in this step's deltas
+                    self._admit(request, live)
                 self._poll_cancelled()
-                deltas = engine.step()
+                for d in engine.step():
+                    self._deliver(d)
             except Exception as e:  # noqa: BLE001 - the engine's state is unknown: end what it holds, keep serving
                 log.error("%s: engine step failed:\n%s", self.name, traceback.format_exc())
                 self._end_all(f"engine step failed: {type(e).__name__}: {e}", "INTERNAL")
-                continue
-            for d in deltas:
-                self._deliver(d)
         with self._cv:
             pending, self._inbox = self._inbox, []
         for request, live in pending:
-            self._live[request.request_id] = live
+            self._live[request.request_id] = live  # never added to the engine: cancel() below finds nothing
         self._end_all("model instance is unloading", "UNAVAILABLE")
+
+    def _admit(self, request: Request, live: _Live) -> None:
+        out = self.engine.add_request(request)
+        if out.finished:  # rejected by the scheduler's own checks (e.g. more KV blocks than the pool has): a
+            # client error like those execute() catches; the engine's matching delta next step finds no _live entry
+            self._send_error(live.sender, f"{self._label(live.triton_id)}: {out.error}", "INVALID_ARG")
+            return
+        self._live[request.request_id] = live
 
     def _poll_cancelled(self) -> None:
         """Ask Triton which requests were cancelled (each ask is an IPC round trip: at most every cancel_poll_s)."""
@@ -261,8 +269,13 @@ class ServedModel:
         return out
 
     def _send_error(self, sender: Any, message: str, code: str) -> None:
+        """An error response with the FINAL flag. Never raises: a sender that fails (the client is gone) must not
+        take the engine thread down with it."""
         cls = self.pb.TritonError
         code_value = getattr(cls, code, None)  # error codes exist from Triton 23.10
-        error = cls(message, code_value) if code_value is not None else cls(message)
-        sender.send(self.pb.InferenceResponse(output_tensors=[], error=error),
-                    flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL_FLAG)
+        try:
+            error = cls(message, code_value) if code_value is not None else cls(message)
+            sender.send(self.pb.InferenceResponse(output_tensors=[], error=error),
+                        flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL_FLAG)
+        except Exception:  # noqa: BLE001
+            log.error("%s: could not send an error response (%s):\n%s", self.name, message, traceback.format_exc())

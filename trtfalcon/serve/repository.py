@@ -164,6 +164,7 @@ def write_repository(out: str | Path, *, model_dir: str | Path, backend: str, mo
     """Write REPO/<model_name>/ atomically (other models in REPO are left alone); return its path."""
     from trtfalcon.checkpoint.safetensors_io import atomic_output_dir
     from trtfalcon.runtime.backends import BACKENDS
+    from trtfalcon.serve.requests import serve_limits
 
     model_dir = Path(model_dir).resolve()
     if not model_dir.is_dir():
@@ -188,6 +189,7 @@ def write_repository(out: str | Path, *, model_dir: str | Path, backend: str, mo
     runtime = dict(runtime or {})
     runtime.pop("device", None)  # per instance, from the instance group
     runtime_options(runtime, "cpu")  # unknown or mistyped fields fail here, not when Triton loads the model
+    serve_limits(dict(limits or {}), vocab_size=1, max_seq_len=1)
 
     settings = ServeSettings(backend=backend, model_dir=str(model_dir),
                              tokenizer_dir=str(tokenizer_dir) if tokenizer_dir else None,

@@ -37,6 +37,20 @@ class ServeLimits:
     bytes_per_token: int = 64  # text_input cap = max_seq_len * this, checked before tokenizing
 
 
+def serve_limits(caps: dict[str, Any], vocab_size: int, max_seq_len: int) -> ServeLimits:
+    """trtfalcon.json's `limits` + the model's sizes, naming any unknown or non-integer cap."""
+    from trtfalcon.errors import ConfigError
+
+    known = set(ServeLimits.__dataclass_fields__) - {"vocab_size", "max_seq_len"}
+    unknown = sorted(set(caps) - known)
+    if unknown:
+        raise ConfigError(f"limits: unknown fields {unknown} (known: {sorted(known)})")
+    bad = {k: v for k, v in caps.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0}
+    if bad:
+        raise ConfigError(f"limits: expected integers >= 0, found {bad}")
+    return ServeLimits(vocab_size=vocab_size, max_seq_len=max_seq_len, **caps)
+
+
 @dataclass
 class ParsedRequest:
     prompt_ids: list[int]

@@ -7,6 +7,7 @@ TextStream: tokens go in as they are sampled, text comes out only when it can no
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +34,22 @@ def load_tokenizer(directory: str | Path) -> Any:
     except ImportError as e:  # pragma: no cover - transformers is a core dependency
         raise MissingDependencyError(f"{directory}: loading its tokenizer needs transformers ({e})") from e
     return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+
+
+class LockedTokenizer:
+    """encode/decode of a tokenizer under one lock, for use from Triton's thread and the engine thread."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._lock = threading.Lock()
+
+    def encode(self, text: str) -> list[int]:
+        with self._lock:
+            return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        with self._lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 class TextStream:
