@@ -554,7 +554,8 @@ def serve() -> None:
 @click.option("--engine", "engine_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A TensorRT engine directory (from `build`) [default backend: tensorrt].")
 @click.option("--checkpoint", "checkpoint_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A deploy or Hugging Face checkpoint directory [default backend: torch].")
+              help="A deploy or Hugging Face checkpoint directory [default backend: torch], or an ONNX export "
+                   "directory with --backend onnxruntime.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Model repository (created if missing); the model goes to OUT/MODEL_NAME.")
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None,

@@ -314,3 +314,26 @@ def test_engine_admission_rejection_and_a_failing_sender(ids_ckpt, tmp_path):
         assert not model.model.engine.scheduler.live
     finally:
         model.finalize()
+
+
+def test_onnxruntime_backend_serves_the_same_tokens(ids_ckpt, tmp_path):
+    """The served model is backend-agnostic: an ONNX export run by onnxruntime streams torch's greedy tokens."""
+    pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'trtfalcon[onnx]')")
+    from trtfalcon.runtime.backends import BACKENDS
+
+    if "onnxruntime" not in BACKENDS:
+        pytest.skip("this trtfalcon has no onnxruntime executor")
+    from trtfalcon.checkpoint.convert import convert_checkpoint
+    from trtfalcon.export import export_onnx
+
+    export = export_onnx(convert_checkpoint(ids_ckpt, tmp_path / "deploy", dtype="fp32"), tmp_path / "onnx")
+    want = cli_generate(ids_ckpt, PROMPTS[:3])
+    model = load_model_py(write_repository(tmp_path / "repo", model_dir=export, backend="onnxruntime",
+                                           runtime=RUNTIME))
+    try:
+        rs = [req(p, max_tokens=n, stream=True) for p, n in PROMPTS[:3]]
+        model.execute(rs)
+        finish(*rs)
+        assert [tokens(r) for r in rs] == [w["token_ids"] for w in want]
+    finally:
+        model.finalize()

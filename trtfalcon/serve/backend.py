@@ -74,8 +74,14 @@ class ServedModel:
         model_dir = settings.resolve(version_dir, "model_dir")
         executor, cfg = create_executor(settings.backend, model_dir, opts)
         self.config = cfg
-        max_seq_len = opts.resolved_max_seq_len(cfg)
-        self.engine = LLMEngine(executor, max_batch_size=opts.max_batch_size, max_num_tokens=opts.max_num_tokens,
+        # An executor built for fixed limits (a TensorRT engine's optimization profile) may serve less than the
+        # options ask; the engine's scheduler and the request checks must use what it can actually run.
+        inf = float("inf")
+        max_batch_size = int(min(opts.max_batch_size, executor.cache_spec.num_slots,
+                                 getattr(executor, "max_batch_size", inf)))
+        max_num_tokens = int(max(max_batch_size, min(opts.max_num_tokens, getattr(executor, "max_num_tokens", inf))))
+        max_seq_len = int(min(opts.resolved_max_seq_len(cfg), getattr(executor, "max_seq_len", inf)))
+        self.engine = LLMEngine(executor, max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
                                 max_seq_len=max_seq_len, eos_token_ids=cfg.eos_token_id, seed=settings.seed,
                                 stream=True, log_steps=False)
         tok_dir = settings.resolve(version_dir, "tokenizer_dir")
@@ -91,8 +97,8 @@ class ServedModel:
         self._last_cancel_poll = 0.0
         self._thread = threading.Thread(target=self._run, name=f"trtfalcon-engine-{name}", daemon=True)
         self._thread.start()
-        log.info("%s: %s backend on %s, max_batch_size %d, max_seq_len %d, tokenizer %s", name, settings.backend,
-                 device, opts.max_batch_size, max_seq_len, tok_dir or "none")
+        log.info("%s: %s backend on %s, max_batch_size %d, max_num_tokens %d, max_seq_len %d, tokenizer %s", name,
+                 settings.backend, device, max_batch_size, max_num_tokens, max_seq_len, tok_dir or "none")
 
     @classmethod
     def from_triton_args(cls, pb: Any, args: dict[str, str]) -> ServedModel:
