@@ -105,12 +105,71 @@ def step_bench(st: DemoState) -> str:
     return f"torch executor, concurrency 32 and 64, isl {st.isl} -> osl {st.osl}"
 
 
+def step_export(st: DemoState) -> str:
+    import torch
+
+    from trtfalcon.export import export_onnx, read_manifest
+    from trtfalcon.runtime.contract import StepBatch
+
+    out = export_onnx(st.artifacts["deploy checkpoint"], st.out_dir / "tiny-onnx")
+    st.artifacts["ONNX export"] = out
+    manifest = read_manifest(out)
+    # one prefill step and one decode step through both executors: the graph computes the model
+    worst = 0.0
+    torch_ex, _, _ = _executor(st)
+    ort_ex, _, _ = _executor(st, "onnxruntime", out)
+    ids = torch.arange(1, 10, dtype=torch.int32)
+    for batch in (
+        StepBatch(ids, torch.arange(9, dtype=torch.int32), torch.tensor([0, 9], dtype=torch.int32),
+                  torch.tensor([0], dtype=torch.int32), torch.tensor([0], dtype=torch.int32),
+                  torch.tensor([[0, 1]], dtype=torch.int32)),
+        StepBatch(ids[:1], torch.tensor([9], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32),
+                  torch.tensor([9], dtype=torch.int32), torch.tensor([0], dtype=torch.int32),
+                  torch.tensor([[0, 1]], dtype=torch.int32)),
+    ):
+        a, b = torch_ex.execute(batch), ort_ex.execute(batch)
+        worst = max(worst, float((a - b).abs().max() / a.abs().max()))
+    if worst > 1e-4:
+        raise click.ClickException(f"the exported graph disagrees with the torch executor (relative {worst:.1e})")
+    nodes = ", ".join(f"{n} x{k}" for n, k in manifest["plugins"]["nodes"].items())
+    return (f"opset {manifest['opset']}, plugin nodes {nodes}; onnxruntime logits = torch executor's "
+            f"(max relative difference {worst:.1e})")
+
+
+def step_bench_onnxruntime(st: DemoState) -> str:
+    from trtfalcon.bench.dataset import token_norm_dist
+    from trtfalcon.bench.report import write_report
+    from trtfalcon.bench.throughput import run_concurrency
+
+    rows = {}
+    for backend, path in (("torch", None), ("onnxruntime", st.artifacts["ONNX export"])):
+        executor, cfg, opts = _executor(st, backend, path)
+        results = []
+        for c in (32, 64):  # the same requests as the bench step (same seeds)
+            warm = min(c, 8)
+            reqs = token_norm_dist(warm + 2 * c, st.isl, st.osl, vocab_size=cfg.vocab_size, seed=c,
+                                   max_seq_len=opts.max_seq_len)
+            results.append(run_concurrency(executor, reqs, concurrency=c, max_num_tokens=opts.max_num_tokens,
+                                           max_seq_len=opts.max_seq_len or 0, warmup=warm))
+        rows[backend] = results
+        write_report(st.out_dir / f"bench-{backend}" / "report.json", results,
+                     {"demo": True, "backend": backend, "model": cfg.summary(), "isl": st.isl, "osl": st.osl})
+        st.artifacts[f"bench ({backend})"] = st.out_dir / f"bench-{backend}" / "report.json"
+    click.echo(f"    {'concurrency':>11} {'torch tok/s':>12} {'onnxruntime tok/s':>18} {'ratio':>6}")
+    for t, o in zip(rows["torch"], rows["onnxruntime"]):
+        click.echo(f"    {t.concurrency:>11} {t.output_tokens_per_s:>12.0f} {o.output_tokens_per_s:>18.0f} "
+                   f"{o.output_tokens_per_s / t.output_tokens_per_s:>6.2f}")
+    return f"onnxruntime (exported graph) beside torch, concurrency 32 and 64, isl {st.isl} -> osl {st.osl}"
+
+
 STEPS: list[tuple[str, Callable[[DemoState], str]]] = [
     ("synth", step_synth),
     ("convert", step_convert),
     ("generate", step_generate),
+    ("export", step_export),
     ("plugins compile", step_kernels),
     ("bench", step_bench),
+    ("bench onnxruntime vs torch", step_bench_onnxruntime),
 ]
 
 
