@@ -184,3 +184,32 @@ def test_client_helpers_send_what_the_config_declares(text_model, text_ckpt, tmp
     assert r.sender.done.wait(60) and not r.sender.responses[-1].has_error()
     with pytest.raises(KeyError, match="'max_new_tokens': not an input of the served model"):
         request_arrays(input_ids=[1], max_new_tokens=3)
+
+
+def test_instance_device_comes_from_triton(ids_ckpt, tmp_path, monkeypatch):
+    """KIND_GPU instance on device 3 -> the executor is built for cuda:3 (checked without a GPU by intercepting
+    create_executor); a non-decoupled config is refused at load."""
+    import pb_utils_stand_in as pb
+
+    import trtfalcon.runtime.backends as backends
+    from trtfalcon.serve.backend import ServedModel
+
+    d = write_repository(tmp_path, model_dir=ids_ckpt, backend="torch", runtime=RUNTIME, plan=InstancePlan(gpus=(3,)))
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(backend, checkpoint, opts):
+        seen.update(backend=backend, checkpoint=Path(checkpoint), device=opts.device, mbs=opts.max_batch_size)
+        raise Stop
+
+    monkeypatch.setattr(backends, "create_executor", fake)
+    args = {"model_config": json.dumps({"name": "trtfalcon", "model_transaction_policy": {"decoupled": True}}),
+            "model_repository": str(d), "model_version": "1", "model_instance_kind": "GPU",
+            "model_instance_device_id": "3"}
+    with pytest.raises(Stop):
+        ServedModel.from_triton_args(pb, args)
+    assert seen == {"backend": "torch", "checkpoint": ids_ckpt.resolve(), "device": "cuda:3", "mbs": 4}
+    with pytest.raises(RuntimeError, match="expected decoupled: true"):
+        ServedModel.from_triton_args(pb, {**args, "model_config": json.dumps({"name": "trtfalcon"})})
