@@ -55,6 +55,7 @@ def main() -> None:
       synth     make a random HF-format checkpoint of a known shape (tests, benchmarks, demo)
       convert   HF checkpoint -> deploy checkpoint (muP multipliers folded, q/k/v and gate/up fused)
       quantize  HF checkpoint -> FP8 HF checkpoint (ModelOpt calibration) + accuracy report
+      build     checkpoint -> TensorRT 11 engine as a build config says (runs the stages above as needed)
       export    deploy checkpoint -> ONNX graph (plugin nodes, FP8 Q/DQ, external weights) for TensorRT
       generate  run prompts through the model (in-flight-batching runtime, or the reference oracle)
       bench     throughput at fixed concurrencies (32 and 64 by default), JSON report + plot
@@ -303,7 +304,7 @@ def _runtime_opts(kw: dict[str, Any]):
 @click.option("--logprobs", default=0, show_default=True, type=click.IntRange(min=0),
               help="Return the top-k log-probs of each generated token.")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at the model's EOS token.")
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "reference"]), default="torch", show_default=True,
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt", "reference"]), default="torch", show_default=True,
               help="torch: the in-flight-batching runtime; onnxruntime: the same runtime over an fp32 export "
                    "directory (`trtfalcon export`); reference: the unbatched oracle model, one prompt at a time.")
 @runtime_options
@@ -407,7 +408,7 @@ def _generate_reference(checkpoint: Path, prompts, opts, temperature: float, see
               help="Requests kept in flight; repeatable [default: 32 and 64, the mission's batch sizes].")
 @click.option("--warmup", default=None, type=click.IntRange(min=0),
               help="Warm-up requests before each level, not counted [default: the concurrency, capped at 8].")
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch", show_default=True,
               help="onnxruntime: CHECKPOINT is an fp32 export directory (`trtfalcon export --dtype fp32`).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the synthetic dataset.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/bench"), show_default=True,
@@ -471,6 +472,52 @@ def bench(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev:
     write_report(out_dir / "report.json", results, meta)
     plot(out_dir / "throughput.png", results, f"{backend} on {opts.device}: isl {isl} -> osl {osl}")
     click.echo(f"report: {out_dir / 'report.json'}   plot: {out_dir / 'throughput.png'}")
+
+
+# ------------------------------------------------------------------------------------------------------ build
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Build config YAML (build_configs/*.yaml): precision, batch, sequence lengths, GPU, profile.")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Hugging Face (bf16 or ModelOpt FP8) or deploy checkpoint. Not needed with --plan-only.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Build directory (one subdirectory per stage).")
+@click.option("--plan-only", is_flag=True, help="Validate the config and print the memory plan; exit 1 if it does not fit.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it holds another build (same config + checkpoint: reused).")
+@handle_errors
+def build(config_path: Path, checkpoint: Path | None, out_dir: Path | None, plan_only: bool, overwrite: bool) -> None:
+    """Build a TensorRT 11 engine from a checkpoint, as a build config says.
+
+    Runs the stages the config and checkpoint need: quantize (FP8 asked of a bf16 HF checkpoint), convert, export
+    (ONNX with plugin nodes and FP8 Q/DQ), compile the plugin kernels for target.archs, then the strongly typed
+    engine with the plugins registered and the config's optimization profile: OUT/engine/model.engine +
+    manifest.json. First the memory planner checks that weights + KV cache + Mamba state + activations fit the
+    GPU, and says why not. Where TensorRT or a GPU is missing, everything before the engine is written, and the
+    command exits 1 saying what is missing and how to get it; re-running it there reuses the finished stages.
+
+    \b
+    Examples:
+      trtfalcon build --config build_configs/h100-fp8-fp8kv-b64-isl512-osl32k.yaml --plan-only
+      trtfalcon build --config build_configs/tiny-demo.yaml --checkpoint runs/tiny-hf --out runs/tiny-build
+    """
+    from trtfalcon.engine.config import load_build_config, plan_memory
+
+    bc = load_build_config(config_path)
+    if plan_only:
+        from trtfalcon.config import FalconH1Config
+
+        cfg = FalconH1Config.from_json_file(checkpoint) if checkpoint else None
+        plan = plan_memory(bc, cfg)
+        click.echo(f"{bc.name} ({'checkpoint ' + str(checkpoint) if checkpoint else 'preset ' + bc.model.preset}): "
+                   f"{plan.verdict()}")
+        if not plan.fits:
+            raise click.exceptions.Exit(1)
+        return
+    if checkpoint is None or out_dir is None:
+        raise click.UsageError("--checkpoint and --out are required (unless --plan-only)")
+    from trtfalcon.engine.build import run_build
+
+    result = run_build(bc, checkpoint, out_dir, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
+    click.echo(f"wrote engine {result.engine_dir} (build record {out_dir / 'build.json'})")
 
 
 # ------------------------------------------------------------------------------------------------------ plugins

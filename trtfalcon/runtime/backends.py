@@ -14,7 +14,7 @@ import torch
 from trtfalcon.config import FalconH1Config
 from trtfalcon.runtime.executors.base import Executor
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 KERNELS = ("auto", "torch", "reference", "triton")
 
 
@@ -69,5 +69,18 @@ def create_executor(backend: str, checkpoint: str | Path, opts: RuntimeOptions) 
         executor = OnnxRuntimeExecutor(checkpoint, num_blocks=num_blocks, block_size=opts.block_size,
                                        num_slots=opts.max_batch_size, num_threads=opts.num_threads,
                                        kernels=opts.kernels)
+        return executor, cfg
+    if backend == "tensorrt":
+        # `checkpoint` is a `trtfalcon build` directory (or its engine/): sizes come from the engine's profile
+        from trtfalcon.runtime.executors.tensorrt import TensorRTExecutor, default_num_blocks, read_engine_manifest
+
+        _, manifest, cfg = read_engine_manifest(checkpoint)
+        rt = manifest["runtime"]
+        max_seq_len = min(opts.max_seq_len or rt["max_seq_len"], rt["max_seq_len"])
+        batch = min(opts.max_batch_size, rt["max_batch_size"])
+        executor = TensorRTExecutor(
+            checkpoint, num_blocks=opts.num_blocks or default_num_blocks(manifest, max_seq_len, batch),
+            num_slots=batch, device=opts.device if opts.device != "cpu" else "cuda",
+        )
         return executor, cfg
     raise ValueError(f"backend: expected one of {BACKENDS}, found {backend!r}")
