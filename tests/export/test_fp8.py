@@ -111,3 +111,38 @@ def test_only_the_quantized_linears_get_qdq(fp8):
         "/model/constants/fp8_zero_point"}
     assert read_manifest(export)["fp8"]["linears"] == [f"layers.{i}.{leaf}" for i in range(layers)
                                                        for leaf in QUANTIZED_LINEARS]
+
+
+def test_modelopt_fp8_checkpoint_through_convert_and_export(hf_checkpoints, tmp_path):
+    """The whole FP8 path: ModelOpt calibration (`trtfalcon quantize`) -> convert -> export; the Q/DQ graph in
+    onnxruntime matches the torch executor running the converted FP8 deploy checkpoint."""
+    pytest.importorskip("modelopt", reason="FP8 calibration needs nvidia-modelopt (pip install 'trtfalcon[quant]')")
+    from trtfalcon.checkpoint.convert import convert_checkpoint
+    from trtfalcon.quantize.fp8 import quantize_fp8
+
+    quantize_fp8(hf_checkpoints("base"), tmp_path / "fp8-hf", calib_size=2, calib_seq_len=16, accuracy=False)
+    dep = convert_checkpoint(tmp_path / "fp8-hf", tmp_path / "fp8-deploy", dtype="fp32")
+    export = export_onnx(dep, tmp_path / "fp8-onnx")
+    layers = read_manifest(export)["fp8"]["linears"]
+    assert len(layers) == 6 * 2
+    torch_ex, ort_ex = TorchExecutor(load_weights(dep), **SIZES), OnnxRuntimeExecutor(export, **SIZES)
+    for what, batch in scenario(torch_ex.vocab_size, seed=5):
+        torch.testing.assert_close(ort_ex.execute(batch), torch_ex.execute(batch), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{what}: {m}")
+
+
+def test_bf16_fp8_graph_is_well_typed(fp8, tmp_path):
+    """The graph TensorRT builds (bf16 activations): scales in bf16, as QuantizeLinear needs x and its scale to share
+    a type; FP8 weights keep their bytes; every value gets a type from ONNX inference."""
+    deploy, _, _ = fp8
+    out = export_onnx(deploy, tmp_path / "bf16", dtype="bf16")
+    onnx.checker.check_model(str(out / MODEL_FILE))
+    model = onnx.load(str(out / MODEL_FILE), load_external_data=False)
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    assert inits["layers.0.attn.qkv_proj.input_scale"] == TensorProto.BFLOAT16
+    assert inits["layers.0.attn.qkv_proj.weight_scale"] == TensorProto.BFLOAT16
+    assert inits["layers.0.attn.qkv_proj.weight"] == TensorProto.FLOAT8E4M3FN
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    gemm = next(n for n in model.graph.node if n.name == "/model/layers.0/attn/qkv_proj/Gemm")
+    assert types[gemm.input[0]] == types[gemm.input[1]] == types[gemm.output[0]] == TensorProto.BFLOAT16
