@@ -162,12 +162,52 @@ def step_bench_onnxruntime(st: DemoState) -> str:
     return f"onnxruntime (exported graph) beside torch, concurrency 32 and 64, isl {st.isl} -> osl {st.osl}"
 
 
+def step_quantize(st: DemoState) -> str:
+    from trtfalcon.errors import MissingDependencyError
+
+    try:
+        from trtfalcon.quantize.fp8 import quantize_fp8
+
+        r = quantize_fp8(st.artifacts["HF checkpoint"], st.out_dir / "tiny-fp8", calib_size=8, calib_seq_len=64,
+                         holdout=4)
+    except MissingDependencyError as e:
+        return f"skipped: {e}"
+    st.artifacts["FP8 checkpoint"] = r.out_dir
+    st.artifacts["FP8 accuracy report"] = r.out_dir / "accuracy.json"
+    a = r.accuracy or {}
+    return (f"ModelOpt FP8 (E4M3 per tensor) on {r.quantized_modules} linears, calibrated on SYNTHETIC token ids "
+            f"(no text for a random model); vs fp32 source: top-1 agreement {100 * a['top1_agreement']:.1f} %, "
+            f"logit relative RMS error {100 * a['logit_rel_rms_err']:.2f} %, perplexity x{a['perplexity_ratio']:.4f}")
+
+
+def step_build(st: DemoState) -> str:
+    if not st.compile_kernels:
+        return "skipped (--skip-kernels: the build compiles the plugin kernels)"
+    from trtfalcon.engine.build import run_build
+    from trtfalcon.errors import MissingDependencyError
+
+    config = Path(__file__).resolve().parents[1] / "build_configs" / "tiny-demo.yaml"
+    if not config.is_file():
+        return f"skipped: {config} is not here (an installed wheel ships no build_configs/; run from the repository)"
+    source = st.artifacts.get("FP8 checkpoint", st.artifacts["HF checkpoint"])
+    out = st.out_dir / "tiny-build"
+    st.artifacts["build directory"] = out
+    try:
+        result = run_build(config, source, out, overwrite=True)
+    except MissingDependencyError as e:
+        missing = str(e).split(". Written to", 1)[0].removeprefix("engine not built: ")
+        return f"everything up to the engine written to {out} (build.json); engine not built here: {missing}"
+    return f"TensorRT engine {result.engine_dir}"
+
+
 STEPS: list[tuple[str, Callable[[DemoState], str]]] = [
     ("synth", step_synth),
     ("convert", step_convert),
     ("generate", step_generate),
+    ("quantize fp8", step_quantize),
     ("export", step_export),
     ("plugins compile", step_kernels),
+    ("build", step_build),
     ("bench", step_bench),
     ("bench onnxruntime vs torch", step_bench_onnxruntime),
 ]

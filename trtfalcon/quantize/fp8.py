@@ -21,7 +21,9 @@ it is read back and validated (checkpoint/fp8.py) before it is renamed into plac
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import shutil
 import time
@@ -121,19 +123,20 @@ def quantize_fp8(
     qcfg = modelopt_fp8_config(mtq, kv_cache_fp8=kv_fp8, conservative=conservative)
 
     def forward_loop(m: torch.nn.Module) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_transformers():
             for ids in calib.calib:
                 m(torch.tensor([ids]), use_cache=False)
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) as chatter:
         warnings.simplefilter("ignore", UserWarning)
-        model = mtq.quantize(model, qcfg, forward_loop)
+        model = mtq.quantize(model, qcfg, forward_loop)  # prints "Inserted N quantizers" etc. to stdout
+    log("ModelOpt: " + (" ".join(chatter.getvalue().split())[:200] or "(no output)"))
     n_quant = _check_calibrated(model, hf_dir)
     log(f"ModelOpt calibrated {n_quant} linears (FP8 E4M3 per tensor){' + FP8 KV cache' if kv_fp8 else ''}")
 
     result = QuantizeResult(out_dir, calib.describe(), n_quant, kv_fp8, 0.0)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_transformers():
             warnings.simplefilter("ignore")
             export_hf_checkpoint(model, export_dir=str(tmp))
         for side in SIDE_FILES:
@@ -160,14 +163,26 @@ def quantize_fp8(
 def _load_hf_model(hf_dir: Path) -> torch.nn.Module:
     """transformers' FalconH1ForCausalLM in the checkpoint's own dtype, on CPU, eval()."""
     from transformers import FalconH1ForCausalLM
+
+    with _quiet_transformers():
+        return FalconH1ForCausalLM.from_pretrained(str(hf_dir), dtype="auto").eval()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' progress bars and its "falling back to the reference PyTorch implementation" notes (expected
+    on CPU) off while we load, calibrate and export; our own log says what happened."""
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "falling back to the reference PyTorch implementation" is expected on CPU
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        return FalconH1ForCausalLM.from_pretrained(str(hf_dir), dtype="auto").eval()
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _check_calibrated(model: torch.nn.Module, hf_dir: Path) -> int:
