@@ -113,7 +113,8 @@ def main() -> None:
         if results["export"]["exit_code"] == 0:
             results["export_dir_bytes"] = dir_bytes(exp)
             results["graph_bytes"] = (exp / "model.onnx").stat().st_size
-            results["check"] = measure("onnx.checker.check_model(model.onnx) + node counts", [py, "-c", CHECK, str(exp)])
+            results["check"] = measure("onnx.checker.check_model(model.onnx) + node counts",
+                                       [py, "-c", CHECK, str(exp)])
             nodes, external, plugins = (results["check"]["stdout_tail"].split() + ["?"] * 3)[:3]
             results["graph"] = {"nodes": nodes, "external_initializers": external, "plugin_nodes": plugins}
         if not args.keep:

@@ -2,7 +2,7 @@
 
 import pytest
 
-pytest.importorskip("onnxruntime", reason="the export tests run the graph in onnxruntime (pip install 'trtfalcon[onnx]')")
+pytest.importorskip("onnxruntime", reason="these tests run the graph in onnxruntime: pip install 'trtfalcon[onnx]'")
 
 from trtfalcon.checkpoint.convert import convert_checkpoint  # noqa: E402
 from trtfalcon.export import export_onnx  # noqa: E402

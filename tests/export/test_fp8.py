@@ -90,7 +90,8 @@ def test_only_the_quantized_linears_get_qdq(fp8):
             assert w_dq.op_type == "DequantizeLinear" and next(a.i for a in w_dq.attribute if a.name == "axis") == 0
             w = inits[w_dq.input[0]]
             assert w.data_type == TensorProto.FLOAT8E4M3FN and w.data_location == TensorProto.EXTERNAL
-            assert w.name.endswith(".weight") and inits[w_dq.input[1]].name == w.name.replace(".weight", ".weight_scale")
+            assert w.name.endswith(".weight")
+            assert inits[w_dq.input[1]].name == w.name.replace(".weight", ".weight_scale")
             quantized_gemms.add(gemm.name)
     expected = {f"/model/layers.{i}/{leaf.replace('.', '/')}/Gemm"
                 for i in range(layers) for leaf in QUANTIZED_LINEARS}
@@ -101,7 +102,8 @@ def test_only_the_quantized_linears_get_qdq(fp8):
     for n in model.graph.node:
         if n.name not in quantized_gemms:
             assert not dq_outputs & set(n.input), f"{n.name} reads a dequantized tensor"
-    assert nodes["/lm_head/Gemm"].input[1] == "lm_head.weight" and inits["lm_head.weight"].data_type == TensorProto.FLOAT
+    assert nodes["/lm_head/Gemm"].input[1] == "lm_head.weight"
+    assert inits["lm_head.weight"].data_type == TensorProto.FLOAT
     for n in model.graph.node:
         if n.op_type in ("causal_conv1d", "gated_rms_norm", "Gather"):
             for i in n.input:

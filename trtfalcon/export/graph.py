@@ -73,7 +73,8 @@ class GraphBuilder:
 
     def annotate(self, name: str, dtype: torch.dtype, shape: Iterable[int | str] | None) -> None:
         """Declare a value's type where ONNX shape inference cannot (the outputs of plugin nodes)."""
-        self.value_info.append(helper.make_tensor_value_info(name, ONNX_DTYPE[dtype], None if shape is None else list(shape)))
+        dims = None if shape is None else list(shape)
+        self.value_info.append(helper.make_tensor_value_info(name, ONNX_DTYPE[dtype], dims))
 
     # ---- constants ----
     def const(self, value: torch.Tensor | np.ndarray, name: str) -> str:
@@ -166,10 +167,6 @@ def _dtype_tag(dtype: torch.dtype) -> str:
 
 def _key(values: list) -> str:
     return "_".join(str(v).replace("-", "m").replace(".", "p") for v in values)
-
-
-def to_onnx_dtype(dtype: torch.dtype) -> int:
-    return ONNX_DTYPE[dtype]
 
 
 def save_model_proto(model: Any, path: Path) -> None:

@@ -55,7 +55,9 @@ from trtfalcon.checkpoint.safetensors_io import atomic_output_dir, torch_dtype
 from trtfalcon.config import FalconH1Config
 from trtfalcon.errors import CheckpointError, ConfigError, MissingDependencyError
 from trtfalcon.export.source import DeploySource, open_deploy_checkpoint
-from trtfalcon.plugins.spec import CAUSAL_CONV1D, DOMAIN, GATED_RMS_NORM, OP_VERSION, PAGED_ATTENTION, SSD, OpSpec, dtype_name
+from trtfalcon.plugins.spec import (
+    CAUSAL_CONV1D, DOMAIN, GATED_RMS_NORM, OP_VERSION, PAGED_ATTENTION, SSD, OpSpec, dtype_name,
+)
 from trtfalcon.runtime.contract import STEP_INPUTS, STEP_OUTPUTS, cache_names, cache_output_name
 
 try:
@@ -63,7 +65,9 @@ try:
 
     from trtfalcon.export.graph import ONNX_DTYPE, GraphBuilder, save_model_proto, write_external_data
 except ImportError as e:  # pragma: no cover - the `onnx` extra is missing
-    raise MissingDependencyError(f"trtfalcon export needs the `onnx` package: pip install 'trtfalcon[onnx]' ({e})") from e
+    raise MissingDependencyError(
+        f"trtfalcon export needs the `onnx` package: pip install 'trtfalcon[onnx]' ({e})"
+    ) from e
 
 DEFAULT_OPSET = 21  # float8 Q/DQ with saturate (19+), per-axis DQ, Split/ReduceMean sizes as inputs (18+)
 MIN_OPSET = 21
@@ -154,8 +158,10 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not is_export_dir(d):
         from trtfalcon.checkpoint.convert import is_deploy_checkpoint
 
-        hint = (f"it is a deploy checkpoint: export it first, `trtfalcon export {d} OUT_DIR --dtype fp32`, and pass OUT_DIR"
-                if is_deploy_checkpoint(d) else "run `trtfalcon convert` then `trtfalcon export` to make one")
+        if is_deploy_checkpoint(d):
+            hint = f"it is a deploy checkpoint: export it first, `trtfalcon export {d} OUT_DIR --dtype fp32`, and pass OUT_DIR"
+        else:
+            hint = "run `trtfalcon convert` then `trtfalcon export` to make one"
         raise CheckpointError(f"{d}: not an ONNX export directory (no {MODEL_FILE} + {MANIFEST_FILE}); {hint}")
     manifest = json.loads((d / MANIFEST_FILE).read_text())
     if manifest.get("version") != MANIFEST_VERSION:
@@ -180,7 +186,7 @@ def plugin_node_attrs(op: OpSpec, attrs: dict[str, Any]) -> dict[str, Any]:
     """The spec's attributes (defaults filled, bools as 0/1, as ONNX has no bool attribute) plus what TensorRT's ONNX
     parser reads to find the registered plugin and its AOT implementation."""
     values = {**op.attr_defaults(), **attrs}
-    unknown = set(attrs) - set(values) | (set(attrs) - {a.name for a in op.attributes})
+    unknown = set(attrs) - {a.name for a in op.attributes}
     if unknown:
         raise ValueError(f"internal: {op.name} has no attributes {sorted(unknown)}")
     out: dict[str, Any] = {}
@@ -221,8 +227,9 @@ class FalconH1Graph:
             zp = self.g.const(torch.zeros((), dtype=torch.float8_e4m3fn), "/model/constants/fp8_zero_point")
             xq = self.g.op("QuantizeLinear", [x, s_in, zp], f"{scope}/input_quantizer", saturate=1)
             x = self.g.op("DequantizeLinear", [xq, s_in, zp], f"{scope}/input_quantizer")
-            w = self.g.op("DequantizeLinear", [self.weight(f"{name}.weight"), self.weight(f"{name}.weight_scale", self.dtype)],
-                          f"{scope}/weight_quantizer", axis=0)
+            w_scale = self.weight(f"{name}.weight_scale", self.dtype)
+            w = self.g.op("DequantizeLinear", [self.weight(f"{name}.weight"), w_scale], f"{scope}/weight_quantizer",
+                          axis=0)
         else:
             w = self.weight(f"{name}.weight")
         return self.g.op("Gemm", [x, w] + ([b] if b else []), scope, transB=1)
@@ -288,9 +295,13 @@ class FalconH1Graph:
         self.plugin_counts[op_type] = self.plugin_counts.get(op_type, 0) + 1
         return {o.name: n for o, n in zip(op.outputs, names)}
 
-    def fill(self, value: float, n: int, dtype: torch.dtype, what: str) -> str:
-        """The spec's `fill` for an absent optional plugin input (one constant shared by every layer)."""
-        return self.g.const(torch.full((n,), value, dtype=dtype), f"/model/constants/{what}_fill")
+    def fill(self, op: OpSpec, arg: str, n: int) -> str:
+        """An absent optional plugin input as the spec's `fill` constant (one shared by every layer): graph formats
+        pass a tensor that makes the op behave as if the input were absent (plugins/spec.py TensorArg.fill)."""
+        value = next(a.fill for a in op.inputs if a.name == arg)
+        if value is None:
+            raise ValueError(f"internal: {op.name}.{arg} has no fill value in plugins/spec.py")
+        return self.g.const(torch.full((n,), value, dtype=self.dtype), f"/model/constants/{op.name}_{arg}_fill")
 
     # ---- the model ----
     def build(self) -> None:
@@ -334,7 +345,7 @@ class FalconH1Graph:
         z, xbc, dt = self.make_split(zxbcdt, [cfg.mamba_d_ssm, cfg.conv_dim, cfg.mamba_n_heads], f"{scope}/in_proj")
         bias = f"{p}.conv1d.bias"
         conv_bias = (self.weight(bias) if bias in self.src.reader
-                     else self.fill(CAUSAL_CONV1D_FILL["bias"], cfg.conv_dim, self.dtype, "conv1d_bias"))
+                     else self.fill(CAUSAL_CONV1D, "bias", cfg.conv_dim))
         conv = self.make_plugin(
             CAUSAL_CONV1D,
             dict(x=xbc, weight=self.weight(f"{p}.conv1d.weight"), bias=conv_bias, conv_state=f"conv_state.{i}",
@@ -366,8 +377,7 @@ class FalconH1Graph:
         y = self.make_reshape(ssd["y"], [-1, cfg.mamba_d_ssm], f"{scope}/y")
         norm_w = f"{p}.norm.weight"
         has_norm = cfg.mamba_rms_norm
-        weight = self.weight(norm_w) if has_norm else self.fill(GATED_NORM_FILL["weight"], cfg.mamba_d_ssm, self.dtype,
-                                                                 "gated_norm_weight")
+        weight = self.weight(norm_w) if has_norm else self.fill(GATED_RMS_NORM, "weight", cfg.mamba_d_ssm)
         normed = self.make_plugin(
             GATED_RMS_NORM, dict(y=y, z=z, weight=weight),
             dict(n_groups=cfg.mamba_n_groups, eps=cfg.rms_norm_eps, norm_before_gate=cfg.mamba_norm_before_gate,
@@ -442,17 +452,6 @@ class FalconH1Graph:
             "fp8": {"linears": list(self.src.fp8_linears)} if self.src.is_fp8 else None,
             "model_summary": self.cfg.summary(),
         }
-
-
-def _fill(op: OpSpec, name: str) -> float:
-    arg = next(a for a in op.inputs if a.name == name)
-    if arg.fill is None:
-        raise ValueError(f"internal: {op.name}.{name} has no fill value in plugins/spec.py")
-    return arg.fill
-
-
-CAUSAL_CONV1D_FILL = {"bias": _fill(CAUSAL_CONV1D, "bias")}
-GATED_NORM_FILL = {"weight": _fill(GATED_RMS_NORM, "weight")}
 
 
 def load_export_config(directory: str | Path) -> FalconH1Config:

@@ -65,7 +65,8 @@ def open_deploy_checkpoint(directory: str | Path) -> DeploySource:
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory (expected a deploy checkpoint from `trtfalcon convert`)")
     if not is_deploy_checkpoint(directory):
-        what = "has no config.json" if not cfg_path.is_file() else 'has no "trtfalcon": {"format": "deploy"} in config.json'
+        what = ("has no config.json" if not cfg_path.is_file()
+                else 'has no "trtfalcon": {"format": "deploy"} in config.json')
         raise CheckpointError(
             f"{directory}: not a deploy checkpoint ({what}). export reads the output of `trtfalcon convert`: run "
             f"`trtfalcon convert {directory} DEPLOY_DIR` (or `trtfalcon quantize` then convert, for FP8) first"
