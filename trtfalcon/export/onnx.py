@@ -159,7 +159,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         from trtfalcon.checkpoint.convert import is_deploy_checkpoint
 
         if is_deploy_checkpoint(d):
-            hint = f"it is a deploy checkpoint: export it first, `trtfalcon export {d} OUT_DIR --dtype fp32`, and pass OUT_DIR"
+            hint = f"it is a deploy checkpoint: export it first (`trtfalcon export {d} OUT --dtype fp32`), pass OUT"
         else:
             hint = "run `trtfalcon convert` then `trtfalcon export` to make one"
         raise CheckpointError(f"{d}: not an ONNX export directory (no {MODEL_FILE} + {MANIFEST_FILE}); {hint}")
