@@ -295,3 +295,23 @@ def test_cli_quantize_then_generate(tok_hf, calib_jsonl, tmp_path):
     r = CliRunner().invoke(main, ["generate", str(out), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--json"])
     assert r.exit_code == 0, r.output
     assert len(json.loads(r.output.strip().splitlines()[-1])["token_ids"]) == 4
+
+
+def test_cli_convert_fp8_and_help(fp8_hf, tmp_path):
+    r = CliRunner().invoke(main, ["convert", str(fp8_hf), str(tmp_path / "dep"), "--dtype", "bf16"])
+    assert r.exit_code == 0, r.output
+    assert load_weights(tmp_path / "dep")["layers.0.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
+    for cmd in ("quantize", "build"):
+        out = CliRunner().invoke(main, [cmd, "--help"]).output
+        assert "Usage:" in out and "Example" in out, cmd
+
+
+def test_demo_quantize_step(tmp_path):
+    from trtfalcon.demo import DemoState, step_build, step_quantize, step_synth
+
+    st = DemoState(tmp_path, 8, 4, compile_kernels=False)
+    step_synth(st)
+    msg = step_quantize(st)
+    assert "calibrated on SYNTHETIC token ids" in msg and "top-1 agreement" in msg, msg
+    assert json.loads((st.artifacts["FP8 accuracy report"]).read_text())["eval"]["synthetic"] is True
+    assert step_build(st).startswith("skipped (--skip-kernels")
