@@ -17,7 +17,7 @@ from trtfalcon.runtime.contract import STEP_INPUTS, STEP_OUTPUTS, CacheSpec, cac
 from trtfalcon.runtime.executors.onnxruntime import PluginKernel, ref_arguments
 
 ONNX_OF = {torch.int32: TensorProto.INT32, torch.float32: TensorProto.FLOAT}
-TRT_ATTRS = {"plugin_namespace", "plugin_version", "aot"}
+TRT_ATTRS = {"plugin_namespace", "aot"}
 ATTR_TYPE = {bool: AttributeProto.INT, int: AttributeProto.INT, float: AttributeProto.FLOAT, str: AttributeProto.STRING}
 PLUGIN_TYPES = {op.plugin_name(k): op for op in OPS.values() for k in op.kernels}
 
@@ -59,7 +59,6 @@ def test_plugin_nodes_follow_the_spec(exported):
         for a in op.attributes:
             assert attrs[a.name].type == ATTR_TYPE[a.type], (n.name, a.name)
         assert attrs["plugin_namespace"].s == DOMAIN.encode() and attrs["aot"].i == 1
-        assert attrs["plugin_version"].s == str(op.version).encode()
         for o, out_name in zip(op.outputs, n.output):
             if o.alias:  # the aliased output is the graph output named after the pool it updates
                 pool = n.input[[i.name for i in op.inputs].index(o.alias)]

@@ -22,9 +22,10 @@ checkpoint to the data file without a transpose. An FP8 linear (trtfalcon/quanti
 which TensorRT 11 (strongly typed) fuses into an FP8 GEMM; conv1d, norms, embeddings and lm_head never get Q/DQ.
 
 Plugin nodes: op type = the spec's plugin name (`OpSpec.plugin_name` of its general kernel), domain "trtfalcon",
-the spec's attributes (bools as 0/1 ints), plus `plugin_namespace="trtfalcon"`, `plugin_version="1"` and `aot=1`:
-what TensorRT's ONNX parser needs to map the node to the quickly deployable plugin "trtfalcon::<name>" registered
-by plugins/tensorrt.py with its ahead-of-time kernel. Optional inputs that are absent (no conv bias) are passed as
+the spec's attributes (bools as 0/1 ints), plus `plugin_namespace="trtfalcon"` and `aot=1`: what TensorRT's ONNX
+parser needs to map the node to the quickly deployable plugin "trtfalcon::<name>" registered by plugins/tensorrt.py
+and to use its ahead-of-time kernel (TensorRT's samples/python/quickly_deployable_plugins: op = plugin name, string
+attribute "plugin_namespace", bool attribute "aot" = True, which ONNX stores as an int). Optional inputs that are absent (no conv bias) are passed as
 the spec's `fill` constant. Each aliased plugin output (the updated pool) is a graph output named by
 contract.cache_output_name (`kv_cache_out.{i}`): a runtime binds it to the same buffer as the input pool, which
 is how TensorRT's aliased plugin outputs (`inp.aliased()`) update a cache in place.
@@ -193,7 +194,7 @@ def plugin_node_attrs(op: OpSpec, attrs: dict[str, Any]) -> dict[str, Any]:
     for a in op.attributes:
         v = values[a.name]
         out[a.name] = int(bool(v)) if a.type is bool else a.type(v)
-    out.update(plugin_namespace=op.domain, plugin_version=str(op.version), aot=1)
+    out.update(plugin_namespace=op.domain, aot=1)  # the parser's plugin version defaults to "1" (OP_VERSION)
     return out
 
 

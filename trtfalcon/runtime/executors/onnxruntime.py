@@ -87,7 +87,7 @@ class PluginKernel:
 
     def attributes(self, raw: dict[str, Any]) -> dict[str, Any]:
         """ONNX attribute values typed as the spec declares (ONNX ints -> bool, bytes -> str); TensorRT-only
-        attributes (plugin_namespace, plugin_version, aot) are dropped."""
+        attributes (plugin_namespace, aot) are dropped."""
         out = self.op.attr_defaults()
         for a in self.op.attributes:
             if a.name in raw:
