@@ -15,9 +15,9 @@ from export_helpers import BLOCK_SIZE, NUM_BLOCKS, NUM_SLOTS, scenario
 from helpers import VARIANTS
 
 
-def executors(deploy, export, **sizes):
+def executors(deploy, export, kernels="torch", **sizes):
     sizes = {"num_blocks": NUM_BLOCKS, "block_size": BLOCK_SIZE, "num_slots": NUM_SLOTS, **sizes}
-    return TorchExecutor(load_weights(deploy), **sizes), OnnxRuntimeExecutor(export, **sizes)
+    return TorchExecutor(load_weights(deploy), **sizes), OnnxRuntimeExecutor(export, kernels=kernels, **sizes)
 
 
 def assert_same_step(torch_ex, ort_ex, batch, what):
@@ -29,9 +29,10 @@ def assert_same_step(torch_ex, ort_ex, batch, what):
         torch.testing.assert_close(ort_ex.pools[name], pool, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {name}: {m}")
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_steps_match_torch_executor(deploy_checkpoints, onnx_exports, variant):
-    torch_ex, ort_ex = executors(deploy_checkpoints(variant), onnx_exports(variant))
+@pytest.mark.parametrize("variant, kernels", [(v, "torch") for v in sorted(VARIANTS)] + [("base", "reference")])
+def test_steps_match_torch_executor(deploy_checkpoints, onnx_exports, variant, kernels):
+    """kernels: the plugin nodes' custom ops run the vectorized torch ops (default) or the loop references."""
+    torch_ex, ort_ex = executors(deploy_checkpoints(variant), onnx_exports(variant), kernels)
     # stale state in every slot and block: a fresh sequence (context_lens 0) must not see it
     for name, pool in torch_ex.pools.items():
         pool.normal_()

@@ -143,3 +143,16 @@ def test_variant_without_norm_and_conv_bias_passes_fills(onnx_exports):
         arg = [i.name for i in OPS[op].inputs].index("weight" if attr else "bias")
         values = onnx.numpy_helper.to_array(inits[node.input[arg]])
         assert (values == fill).all() and values.dtype.name == "float32"
+
+
+def test_progress_reports_every_weight_byte(deploy_checkpoints, tmp_path):
+    from trtfalcon.export import export_onnx
+
+    seen = []
+    out = export_onnx(deploy_checkpoints("one_group"), tmp_path / "o", progress=lambda *a: seen.append(a))
+    model = onnx.load(str(out / MODEL_FILE), load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    assert [name for name, _, _ in seen] == [t.name for t in external]
+    done = [d for _, d, _ in seen]
+    assert done == sorted(done) and done[-1] == seen[-1][2] == sum(
+        int({e.key: e.value for e in t.external_data}["length"]) for t in external)
