@@ -116,6 +116,8 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str, max_shard_size: str, overwr
     Every muP multiplier is folded into the weights in fp32 (the mup_vector is rebuilt from config.json; tied
     embeddings are untied), q/k/v and gate/up are fused, A_log/D/dt_bias stay fp32. The output's config.json needs
     no multiplier. Reads single-file and sharded (index.json) safetensors; refuses pickle weights (*.bin, *.pt).
+    A ModelOpt FP8 checkpoint (from `quantize`, or published by others) keeps its FP8 weights: the multipliers go
+    into the per-row weight scales and the input scales (checkpoint/fp8.py), and every scale is checked first.
     Streams one row chunk at a time (peak memory ~ a few hundred MB whatever the model size) and writes
     atomically: on any error nothing is left at OUT_DIR.
 
