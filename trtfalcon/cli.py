@@ -163,11 +163,14 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str, max_shard_size: str, overwr
               help="Samples (the file's last ones) held out of calibration for the accuracy report's perplexity.")
 @click.option("--conservative", is_flag=True, help="Keep the Mamba in_proj/out_proj in bf16 too (FP8 attention and MLP only).")
 @click.option("--no-accuracy", is_flag=True, help="Skip the accuracy report against the source checkpoint.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where calibration runs: auto = CUDA when a GPU is visible, else CPU.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the synthetic calibration ids.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only after the new one is complete).")
 @handle_errors
 def quantize(hf_dir: Path, out_dir: Path, fmt: str, kv_cache_dtype: str | None, calib_data: Path | None,
-             calib_size: int, calib_seq_len: int, holdout: int, conservative: bool, no_accuracy: bool, seed: int,
+             calib_size: int, calib_seq_len: int, holdout: int, conservative: bool, no_accuracy: bool, device: str,
+             seed: int,
              overwrite: bool) -> None:
     """Quantize a Hugging Face Falcon-H1 checkpoint to FP8 with NVIDIA ModelOpt (runs on CPU).
 
@@ -187,7 +190,7 @@ def quantize(hf_dir: Path, out_dir: Path, fmt: str, kv_cache_dtype: str | None, 
 
     r = quantize_fp8(hf_dir, out_dir, kv_cache_dtype=kv_cache_dtype, calib_data=calib_data, calib_size=calib_size,
                      calib_seq_len=calib_seq_len, holdout=holdout, seed=seed, conservative=conservative,
-                     accuracy=not no_accuracy, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
+                     accuracy=not no_accuracy, device=device, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
     if r.calibration["synthetic"]:
         click.secho("note: calibrated on SYNTHETIC token ids (no --calib-data): fine for a smoke test, "
                     "not for deployment", fg="yellow", err=True)

@@ -235,8 +235,7 @@ def plan_fp8_deploy(ckpt: FP8HFCheckpoint, dtype: str) -> DeployPlan:
             else:
                 producers[name] = lambda srcs=srcs, dt=dt: fold_rows(reader, srcs, dt)
     for (i, kind), hf_name in sorted(ckpt.kv_scale_names.items()):
-        name = f"layers.{i}.attn.{kind}_scale"
-        assert f"attn.{kind}_scale" in KV_SCALES
+        name = f"layers.{i}.{KV_SCALES[('k', 'v').index(kind)]}"
         specs.append(TensorSpec(name, (), torch.float32))
         producers[name] = lambda n=hf_name: iter([torch.tensor(ckpt.scale(n), dtype=torch.float32)])
     missing = set(fp8) - {s.name for s in specs}

@@ -259,7 +259,8 @@ def run_build(
                 q = bc.quantize
                 r = quantize_fp8(source, target, kv_cache_dtype="fp8" if bc.precision.kv_cache == "fp8" else None,
                                  calib_data=q.calib_data, calib_size=q.calib_size, calib_seq_len=q.calib_seq_len,
-                                 holdout=q.holdout, conservative=q.conservative, overwrite=True, log=log)
+                                 holdout=q.holdout, conservative=q.conservative, device=q.device, overwrite=True,
+                                 log=log)
                 info: dict[str, Any] = {"calibration": r.calibration, "accuracy": r.accuracy}
                 source = target
             elif stage == "convert":

@@ -69,6 +69,7 @@ class QuantizeSection(_Strict):
     calib_seq_len: int = Field(2048, ge=2)
     holdout: int = Field(8, ge=0)
     conservative: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class RuntimeSection(_Strict):

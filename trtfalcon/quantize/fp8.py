@@ -94,10 +94,14 @@ def quantize_fp8(
     seed: int = 0,
     conservative: bool = False,
     accuracy: bool = True,
+    device: str = "auto",
     overwrite: bool = False,
     log: Callable[[str], None] = lambda msg: None,
 ) -> QuantizeResult:
-    """Calibrate hf_dir (a bf16/fp32 HF Falcon-H1 checkpoint) and write the FP8 unified checkpoint to out_dir."""
+    """Calibrate hf_dir (a bf16/fp32 HF Falcon-H1 checkpoint) and write the FP8 unified checkpoint to out_dir.
+
+    device: where calibration runs ("auto": CUDA when torch sees a GPU, else CPU). A 7B model calibrates on CPU
+    (about 16 GB of RAM in bf16) but slowly; on a GPU the same code runs in minutes."""
     t0 = time.perf_counter()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if hf_dir.resolve() == out_dir.resolve():
@@ -119,20 +123,22 @@ def quantize_fp8(
                              seed=seed)
     log(f"calibration data: {calib.source} ({len(calib.calib)} samples, {sum(map(len, calib.calib))} tokens)")
     mtq, export_hf_checkpoint = import_modelopt()
-    model = _load_hf_model(hf_dir)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _load_hf_model(hf_dir).to(device)
     qcfg = modelopt_fp8_config(mtq, kv_cache_fp8=kv_fp8, conservative=conservative)
 
     def forward_loop(m: torch.nn.Module) -> None:
         with torch.no_grad(), _quiet_transformers():
             for ids in calib.calib:
-                m(torch.tensor([ids]), use_cache=False)
+                m(torch.tensor([ids], device=device), use_cache=False)
 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) as chatter:
         warnings.simplefilter("ignore", UserWarning)
         model = mtq.quantize(model, qcfg, forward_loop)  # prints "Inserted N quantizers" etc. to stdout
     log("ModelOpt: " + (" ".join(chatter.getvalue().split())[:200] or "(no output)"))
     n_quant = _check_calibrated(model, hf_dir)
-    log(f"ModelOpt calibrated {n_quant} linears (FP8 E4M3 per tensor){' + FP8 KV cache' if kv_fp8 else ''}")
+    log(f"ModelOpt calibrated {n_quant} linears (FP8 E4M3 per tensor){' + FP8 KV cache' if kv_fp8 else ''} on {device}")
 
     result = QuantizeResult(out_dir, calib.describe(), n_quant, kv_fp8, 0.0)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
@@ -142,7 +148,7 @@ def quantize_fp8(
         for side in SIDE_FILES:
             if (hf_dir / side).is_file() and not (tmp / side).exists():
                 shutil.copy2(hf_dir / side, tmp / side)
-        record = {"producer": "trtfalcon quantize", "source": str(hf_dir), "format": "fp8",
+        record = {"producer": "trtfalcon quantize", "source": str(hf_dir), "format": "fp8", "device": device,
                   "kv_cache_dtype": "fp8" if kv_fp8 else None, "conservative": conservative,
                   "modelopt_config": qcfg, "calibration": calib.describe(), "holdout": calib.holdout}
         (tmp / "calibration.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
@@ -151,6 +157,8 @@ def quantize_fp8(
         if written.quant.kv_cache_fp8 != kv_fp8:
             raise CheckpointError(f"{tmp}: ModelOpt wrote kv_cache_quant_algo={written.quant.kv_cache_fp8}, asked {kv_fp8}")
         del model
+        if device != "cpu":
+            torch.cuda.empty_cache()
         if accuracy:
             from trtfalcon.quantize.accuracy import accuracy_report
 
