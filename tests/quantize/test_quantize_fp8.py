@@ -315,3 +315,17 @@ def test_demo_quantize_step(tmp_path):
     assert "calibrated on SYNTHETIC token ids" in msg and "top-1 agreement" in msg, msg
     assert json.loads((st.artifacts["FP8 accuracy report"]).read_text())["eval"]["synthetic"] is True
     assert step_build(st).startswith("skipped (--skip-kernels")
+
+
+@pytest.mark.parametrize("variant", ["all_biases", "tied_embeddings", "mamba_head_ne_attn_head"])
+def test_fp8_fold_on_config_variants(hf_checkpoints, variant, tmp_path):
+    """Biases (folded with output-side multipliers only), tied embeddings (lm_head stays dense), mamba heads unlike
+    attention heads: the FP8 deploy checkpoint still equals transformers with fake-quantized Linears."""
+    src = hf_checkpoints(variant)
+    fp8 = quantize_fp8(src, tmp_path / "fp8", calib_size=3, calib_seq_len=24, accuracy=False).out_dir
+    w = load_weights(convert_checkpoint(fp8, tmp_path / "dep", dtype="fp32"))
+    prompt = list(range(3, 30, 2))
+    got = TorchExecutor(w, num_blocks=4, block_size=8, num_slots=1).execute(_prefill_batch([prompt], 4, 8))[0]
+    with torch.no_grad():
+        want = _hf_fake_quant_model(src, fp8)(torch.tensor([prompt]), use_cache=False).logits[0, -1].float()
+    assert (got - want).abs().max() <= 2e-3 * want.abs().max()
