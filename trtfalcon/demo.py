@@ -82,29 +82,6 @@ def step_kernels(st: DemoState) -> str:
     return f"{len(manifest['kernels'])} kernels compiled for sm_90 (7B shapes), none spilling"
 
 
-def step_bench(st: DemoState) -> str:
-    from trtfalcon.bench.dataset import token_norm_dist
-    from trtfalcon.bench.report import plot, print_table, write_report
-    from trtfalcon.bench.throughput import run_concurrency
-
-    executor, cfg, opts = _executor(st)
-    results = []
-    for c in (32, 64):
-        warm = min(c, 8)
-        reqs = token_norm_dist(warm + 2 * c, st.isl, st.osl, vocab_size=cfg.vocab_size, seed=c,
-                               max_seq_len=opts.max_seq_len)
-        results.append(run_concurrency(executor, reqs, concurrency=c, max_num_tokens=opts.max_num_tokens,
-                                       max_seq_len=opts.max_seq_len or 0, warmup=warm))
-    print_table(results, "cpu")
-    bench_dir = st.out_dir / "bench"
-    write_report(bench_dir / "report.json", results, {"demo": True, "model": cfg.summary(), "isl": st.isl,
-                                                      "osl": st.osl})
-    plot(bench_dir / "throughput.png", results, f"tiny model, torch on CPU: isl {st.isl} -> osl {st.osl}")
-    st.artifacts["bench report"] = bench_dir / "report.json"
-    st.artifacts["throughput plot"] = bench_dir / "throughput.png"
-    return f"torch executor, concurrency 32 and 64, isl {st.isl} -> osl {st.osl}"
-
-
 def step_export(st: DemoState) -> str:
     import torch
 
@@ -136,30 +113,38 @@ def step_export(st: DemoState) -> str:
             f"(max relative difference {worst:.1e})")
 
 
-def step_bench_onnxruntime(st: DemoState) -> str:
+def step_bench(st: DemoState) -> str:
+    """The same requests (same seeds) on the torch executor and, where the export ran, on onnxruntime."""
     from trtfalcon.bench.dataset import token_norm_dist
-    from trtfalcon.bench.report import write_report
+    from trtfalcon.bench.report import plot, print_table, write_report
     from trtfalcon.bench.throughput import run_concurrency
 
+    backends = [("torch", None, st.out_dir / "bench")]
+    if "ONNX export" in st.artifacts:
+        backends.append(("onnxruntime", st.artifacts["ONNX export"], st.out_dir / "bench-onnxruntime"))
     rows = {}
-    for backend, path in (("torch", None), ("onnxruntime", st.artifacts["ONNX export"])):
+    for backend, path, out in backends:
         executor, cfg, opts = _executor(st, backend, path)
         results = []
-        for c in (32, 64):  # the same requests as the bench step (same seeds)
+        for c in (32, 64):
             warm = min(c, 8)
             reqs = token_norm_dist(warm + 2 * c, st.isl, st.osl, vocab_size=cfg.vocab_size, seed=c,
                                    max_seq_len=opts.max_seq_len)
             results.append(run_concurrency(executor, reqs, concurrency=c, max_num_tokens=opts.max_num_tokens,
                                            max_seq_len=opts.max_seq_len or 0, warmup=warm))
         rows[backend] = results
-        write_report(st.out_dir / f"bench-{backend}" / "report.json", results,
-                     {"demo": True, "backend": backend, "model": cfg.summary(), "isl": st.isl, "osl": st.osl})
-        st.artifacts[f"bench ({backend})"] = st.out_dir / f"bench-{backend}" / "report.json"
-    click.echo(f"    {'concurrency':>11} {'torch tok/s':>12} {'onnxruntime tok/s':>18} {'ratio':>6}")
-    for t, o in zip(rows["torch"], rows["onnxruntime"]):
-        click.echo(f"    {t.concurrency:>11} {t.output_tokens_per_s:>12.0f} {o.output_tokens_per_s:>18.0f} "
-                   f"{o.output_tokens_per_s / t.output_tokens_per_s:>6.2f}")
-    return f"onnxruntime (exported graph) beside torch, concurrency 32 and 64, isl {st.isl} -> osl {st.osl}"
+        meta = {"demo": True, "backend": backend, "model": cfg.summary(), "isl": st.isl, "osl": st.osl}
+        write_report(out / "report.json", results, meta)
+        plot(out / "throughput.png", results, f"tiny model, {backend} on CPU: isl {st.isl} -> osl {st.osl}")
+        st.artifacts[f"bench report ({backend})"] = out / "report.json"
+        st.artifacts[f"throughput plot ({backend})"] = out / "throughput.png"
+    print_table(rows["torch"], "cpu")
+    if "onnxruntime" in rows:
+        click.echo(f"    {'concurrency':>11} {'torch tok/s':>12} {'onnxruntime tok/s':>18} {'ratio':>6}")
+        for t, o in zip(rows["torch"], rows["onnxruntime"]):
+            click.echo(f"    {t.concurrency:>11} {t.output_tokens_per_s:>12.0f} {o.output_tokens_per_s:>18.0f} "
+                       f"{o.output_tokens_per_s / t.output_tokens_per_s:>6.2f}")
+    return f"{' and '.join(rows)} at concurrency 32 and 64, isl {st.isl} -> osl {st.osl}, same requests"
 
 
 def step_quantize(st: DemoState) -> str:
@@ -209,7 +194,6 @@ STEPS: list[tuple[str, Callable[[DemoState], str]]] = [
     ("plugins compile", step_kernels),
     ("build", step_build),
     ("bench", step_bench),
-    ("bench onnxruntime vs torch", step_bench_onnxruntime),
 ]
 
 
