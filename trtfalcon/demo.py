@@ -205,6 +205,7 @@ def run_demo(out_dir: Path, *, isl: int = 32, osl: int = 32, compile_kernels: bo
         click.secho(f"{i}/{len(STEPS)} {name}", bold=True)
         click.echo(f"    {step(st)}")
     click.secho("done. Artifacts:", bold=True)
+    width = max(map(len, st.artifacts)) + 2
     for label, path in st.artifacts.items():
-        click.echo(f"    {label:<24} {path}")
+        click.echo(f"    {label:<{width}} {path}")
     return st
