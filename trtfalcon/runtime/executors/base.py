@@ -34,3 +34,27 @@ class Executor(Protocol):
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy KV block src into dst for every (src, dst) pair, in every layer's kv_cache (a fork's last block)."""
         ...
+
+
+class TorchPools:
+    """copy_slot / copy_blocks for executors whose cache pools are torch tensors named as in the contract
+    (`CacheSpec.allocate`): the torch, onnxruntime and TensorRT executors all keep them that way."""
+
+    cache_spec: CacheSpec
+    pools: dict[str, torch.Tensor]
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        for i in range(self.cache_spec.num_layers):
+            for kind in ("conv_state", "ssm_state"):
+                pool = self.pools[f"{kind}.{i}"]
+                pool[dst].copy_(pool[src])
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        if not pairs:
+            return
+        device = self.pools["kv_cache.0"].device
+        src = torch.tensor([s for s, _ in pairs], device=device)
+        dst = torch.tensor([d for _, d in pairs], device=device)
+        for i in range(self.cache_spec.num_layers):
+            pool = self.pools[f"kv_cache.{i}"]
+            pool[:, dst] = pool[:, src]

@@ -35,6 +35,7 @@ from trtfalcon.errors import CheckpointError, MissingDependencyError, TrtFalconE
 from trtfalcon.plugins.ops import get_ops
 from trtfalcon.plugins.spec import DOMAIN, DTYPES, OPS, OpSpec
 from trtfalcon.runtime.contract import CacheSpec, StepBatch, cache_names, cache_output_name
+from trtfalcon.runtime.executors.base import TorchPools
 
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -232,7 +233,7 @@ def _as_numpy(v: Any) -> Any:
 # The executor
 
 
-class OnnxRuntimeExecutor:
+class OnnxRuntimeExecutor(TorchPools):
     """The Executor protocol (runtime/executors/base.py) over an export directory (trtfalcon/export)."""
 
     def __init__(self, export_dir: str | Path, *, num_blocks: int, block_size: int, num_slots: int,
@@ -271,18 +272,4 @@ class OnnxRuntimeExecutor:
                 raise TrtFalconError(f"internal: graph output {cache_output_name(name)} is not pool {name}")
         return out["logits"]
 
-    def copy_slot(self, src: int, dst: int) -> None:
-        for i in range(self.config.num_hidden_layers):
-            for kind in ("conv_state", "ssm_state"):
-                pool = self.pools[f"{kind}.{i}"]
-                pool[dst].copy_(pool[src])
-
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        if not pairs:
-            return
-        src = torch.tensor([s for s, _ in pairs])
-        dst = torch.tensor([d for _, d in pairs])
-        for i in range(self.config.num_hidden_layers):
-            pool = self.pools[f"kv_cache.{i}"]
-            pool[:, dst] = pool[:, src]
 

@@ -25,6 +25,7 @@ import torch
 from trtfalcon.config import FalconH1Config
 from trtfalcon.errors import CheckpointError, ConfigError, MissingDependencyError
 from trtfalcon.runtime.contract import STEP_INPUTS, STEP_OUTPUTS, CacheSpec, StepBatch, cache_names, cache_output_name
+from trtfalcon.runtime.executors.base import TorchPools
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -57,7 +58,7 @@ def read_engine_manifest(path: str | Path) -> tuple[Path, dict[str, Any], Falcon
     return d, manifest, FalconH1Config.from_json_file(d / "config.json")
 
 
-class TensorRTExecutor:
+class TensorRTExecutor(TorchPools):
     """Executor protocol (executors/base.py) over a deserialized TensorRT engine."""
 
     def __init__(self, engine_path: str | Path, *, num_blocks: int | None = None, num_slots: int | None = None,
@@ -128,20 +129,6 @@ class TensorRTExecutor:
         # `keep` holds the step inputs alive until the enqueue returned; the stream orders their reuse.
         return logits
 
-    def copy_slot(self, src: int, dst: int) -> None:
-        for i in range(self._num_layers):
-            for kind in ("conv_state", "ssm_state"):
-                pool = self.pools[f"{kind}.{i}"]
-                pool[dst].copy_(pool[src])
-
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        if not pairs:
-            return
-        src = torch.tensor([s for s, _ in pairs], device=self.device)
-        dst = torch.tensor([d for _, d in pairs], device=self.device)
-        for i in range(self._num_layers):
-            pool = self.pools[f"kv_cache.{i}"]
-            pool[:, dst] = pool[:, src]
 
 
 def default_num_blocks(manifest: dict[str, Any], max_seq_len: int, max_batch_size: int) -> int:

@@ -14,6 +14,7 @@ from trtfalcon.model.layers import FalconH1Model
 from trtfalcon.model.weights import DeployWeights
 from trtfalcon.plugins.ops import get_ops
 from trtfalcon.runtime.contract import CacheSpec, StepBatch
+from trtfalcon.runtime.executors.base import TorchPools
 
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,7 +35,7 @@ def resolve_kernels(kernels: str, device: torch.device) -> str:
 
 
 
-class TorchExecutor:
+class TorchExecutor(TorchPools):
     def __init__(
         self,
         weights: DeployWeights,
@@ -59,22 +60,7 @@ class TorchExecutor:
         self.model = FalconH1Model(weights.to(self.device), get_ops(self.kernels))
         self.vocab_size = weights.config.vocab_size
         self.pools = self.cache_spec.allocate(self.device)
-        self._num_layers = weights.config.num_hidden_layers
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         return self.model.forward(batch.to(self.device), self.pools)
 
-    def copy_slot(self, src: int, dst: int) -> None:
-        for i in range(self._num_layers):
-            for kind in ("conv_state", "ssm_state"):
-                pool = self.pools[f"{kind}.{i}"]
-                pool[dst].copy_(pool[src])
-
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        if not pairs:
-            return
-        src = torch.tensor([s for s, _ in pairs], device=self.device)
-        dst = torch.tensor([d for _, d in pairs], device=self.device)
-        for i in range(self._num_layers):
-            pool = self.pools[f"kv_cache.{i}"]
-            pool[:, dst] = pool[:, src]
