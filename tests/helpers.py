@@ -89,3 +89,17 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
         out.append(tok)
         seq.append(tok)
     return out
+
+
+def run_cli(*args, ok: bool = True):
+    """Invoke the trtfalcon CLI in-process; ok=False expects a failure with a clean message, no traceback."""
+    from click.testing import CliRunner
+
+    from trtfalcon.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert r.exit_code == 0, r.output
+    else:
+        assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+    return r

@@ -10,15 +10,9 @@ from trtfalcon.cli import main
 from trtfalcon.model.generate import reference_generate
 from trtfalcon.model.reference import ReferenceModel
 from trtfalcon.model.weights import load_weights
+from helpers import run_cli as run
 
 
-def run(*args, ok=True):
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert r.exit_code == 0, r.output
-    else:
-        assert r.exit_code != 0 and "Traceback" not in r.output, r.output
-    return r
 
 
 @pytest.mark.parametrize("cmd", [[], ["synth"], ["convert"], ["generate"]])

@@ -2,18 +2,10 @@
 
 import json
 
-from click.testing import CliRunner
 
-from trtfalcon.cli import main
+from helpers import run_cli as run
 
 
-def run(*args, ok=True):
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert r.exit_code == 0, r.output
-    else:
-        assert r.exit_code != 0 and "Traceback" not in r.output, r.output
-    return r
 
 
 def test_export_then_generate_and_bench_on_onnxruntime(deploy_checkpoints, hf_checkpoints, tmp_path):

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from google.protobuf import text_format
 from pb_utils_stand_in import InferenceRequest
 from serve_helpers import RUNTIME, load_model_py
 from tritonclient.grpc import model_config_pb2
 
-from trtfalcon.cli import main
 from trtfalcon.serve import protocol
 from trtfalcon.serve.repository import InstancePlan, ServeSettings, write_repository
+from helpers import run_cli as run
 
 DTYPE = model_config_pb2.DataType
 
@@ -125,13 +124,6 @@ def test_docs_name_every_input_and_output():
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
-def run(*args, ok=True):
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert r.exit_code == 0, r.output
-    else:
-        assert r.exit_code != 0 and "Traceback" not in r.output, r.output
-    return r
 
 
 def test_cli_writes_the_repository(ids_ckpt, tmp_path):
