@@ -2,10 +2,7 @@
 
 import json
 
-
 from helpers import run_cli as run
-
-
 
 
 def test_export_then_generate_and_bench_on_onnxruntime(deploy_checkpoints, hf_checkpoints, tmp_path):
