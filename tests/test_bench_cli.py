@@ -89,3 +89,27 @@ def test_plugins_compile_cli_writes_ptx_and_a_spill_free_report(tmp_path):
     interp = subprocess.run([*cmd, "--out", str(tmp_path / "k2")], env={**env, "TRITON_INTERPRET": "1"},
                             capture_output=True, text=True)
     assert interp.returncode != 0 and "unset TRITON_INTERPRET" in interp.stderr
+
+
+def test_demo_never_deletes_a_directory_it_did_not_make(tmp_path):
+    victim = tmp_path / "work"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("years of work")
+    r = CliRunner().invoke(main, ["demo", "--out", str(victim), "--skip-kernels"])
+    assert r.exit_code != 0 and "was not made by `trtfalcon demo`" in r.output
+    assert (victim / "thesis.tex").read_text() == "years of work"
+
+
+def test_artifact_directories_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from trtfalcon.checkpoint.synth import synth_checkpoint
+    from trtfalcon.config import preset_dict
+
+    old = os.umask(0o022)
+    try:
+        out = synth_checkpoint(preset_dict("tiny"), tmp_path / "hf")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755

@@ -197,9 +197,18 @@ STEPS: list[tuple[str, Callable[[DemoState], str]]] = [
 ]
 
 
+MARKER = ".trtfalcon-demo"  # marks a directory the demo made, so a rerun may replace it
+
+
 def run_demo(out_dir: Path, *, isl: int = 32, osl: int = 32, compile_kernels: bool = True) -> DemoState:
+    if out_dir.exists() and not (out_dir / MARKER).is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise click.ClickException(
+            f"{out_dir}: exists and was not made by `trtfalcon demo`; choose another --out (the demo replaces its "
+            "directory on every run)"
+        )
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
+    (out_dir / MARKER).write_text("made by trtfalcon demo; replaced on the next run\n")
     st = DemoState(out_dir, isl, osl, compile_kernels)
     for i, (name, step) in enumerate(STEPS, 1):
         click.secho(f"{i}/{len(STEPS)} {name}", bold=True)

@@ -302,6 +302,11 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+        # mkdtemp makes the directory 0700 and the rename keeps that; an artifact must be readable like any
+        # directory the user makes (a Triton server running as another user reads model repositories).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
     except OSError as e:
         raise CheckpointError(f"{out_dir}: cannot create output directory ({e.strerror})") from e
     try:
