@@ -51,9 +51,23 @@ def test_missing_head_dim_derives_from_hidden_size():
     assert FalconH1Config.from_hf_dict(d).head_dim == d["hidden_size"] // d["num_attention_heads"]
 
 
+def test_absent_fields_take_transformers_defaults():
+    from transformers import FalconH1Config as HFConfig
+
+    d = preset_dict("tiny")
+    for k in ("mamba_d_ssm", "mamba_d_head", "eos_token_id", "bos_token_id", "pad_token_id"):
+        d.pop(k)
+    d["mamba_n_heads"] = 8
+    ours = FalconH1Config.from_hf_dict(d)
+    hf = HFConfig(**{k: v for k, v in d.items() if k not in ("model_type", "architectures")})
+    assert ours.mamba_d_ssm == hf.mamba_d_ssm == 1024 and ours.mamba_d_head == hf.mamba_d_head == 128
+    assert ours.eos_token_id == (hf.eos_token_id,) and ours.bos_token_id == hf.bos_token_id
+    assert ours.pad_token_id == hf.pad_token_id
+
+
 def test_mamba_d_head_auto_and_expand():
     d = preset_dict("tiny")
-    d.pop("mamba_d_ssm")
+    d["mamba_d_ssm"] = None  # explicit null: mamba_expand * hidden_size
     d["mamba_expand"] = 2
     d["mamba_d_head"] = "auto"
     cfg = FalconH1Config.from_hf_dict(d)

@@ -281,8 +281,10 @@ def _parse(raw: dict[str, Any], source: str) -> FalconH1Config:
     if head_dim % 2:
         raise err("head_dim", "an even number (RoPE rotates pairs)", head_dim)
 
-    d_ssm = raw.get("mamba_d_ssm")
-    if d_ssm is None:
+    # transformers: an absent mamba_d_ssm means its default 1024; an explicit null means mamba_expand * hidden.
+    if "mamba_d_ssm" not in raw:
+        d_ssm = 1024
+    elif raw["mamba_d_ssm"] is None:
         d_ssm = int(num("mamba_expand", 2) * hidden)
     else:
         d_ssm = pos_int("mamba_d_ssm")
@@ -320,7 +322,7 @@ def _parse(raw: dict[str, Any], source: str) -> FalconH1Config:
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
         raise err("rope_theta", "a positive number", theta)
 
-    eos = raw.get("eos_token_id")
+    eos = raw.get("eos_token_id", 2)  # transformers' FalconH1Config defaults: bos 1, eos 2, pad 0
     eos_ids: tuple[int, ...]
     if eos is None:
         eos_ids = ()
@@ -380,9 +382,9 @@ def _parse(raw: dict[str, Any], source: str) -> FalconH1Config:
         ssm_out_multiplier=num("ssm_out_multiplier"),
         mlp_multipliers=num_list("mlp_multipliers", 2),  # type: ignore[arg-type]
         ssm_multipliers=num_list("ssm_multipliers", 5),  # type: ignore[arg-type]
-        bos_token_id=raw.get("bos_token_id"),
+        bos_token_id=raw.get("bos_token_id", 1),
         eos_token_id=eos_ids,
-        pad_token_id=raw.get("pad_token_id"),
+        pad_token_id=raw.get("pad_token_id", 0),
         source=source,
     )
 
