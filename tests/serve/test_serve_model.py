@@ -316,6 +316,28 @@ def test_engine_admission_rejection_and_a_failing_sender(ids_ckpt, tmp_path):
         model.finalize()
 
 
+def test_a_sender_whose_is_cancelled_raises_ends_only_its_request(ids_ckpt, tmp_path):
+    """is_cancelled() is an IPC call to the server: if it fails for one client, that client is treated as gone
+    (its request is cancelled) and every other request streams on."""
+    model = load_model_py(write_repository(tmp_path, model_dir=ids_ckpt, backend="torch",
+                                           runtime=RUNTIME))
+    try:
+        broken = req([3, 4], max_tokens=50, stream=True)
+
+        def is_cancelled():
+            raise RuntimeError("stub: IPC to the server failed")
+
+        broken.sender.is_cancelled = is_cancelled
+        ok = req([5, 6], max_tokens=4, stream=True)
+        model.execute([broken, ok])
+        finish(broken, ok)
+        assert broken.sender.final_count == 1 and broken.sender.responses[-1].has_error()
+        assert ok.sender.final_count == 1 and len(tokens(ok)) == 4 and not ok.sender.responses[-1].has_error()
+        assert not model.model.engine.scheduler.live
+    finally:
+        model.finalize()
+
+
 def test_onnxruntime_backend_serves_the_same_tokens(ids_ckpt, tmp_path):
     """The served model is backend-agnostic: an ONNX export run by onnxruntime streams torch's greedy tokens."""
     pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'trtfalcon[onnx]')")

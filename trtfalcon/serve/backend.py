@@ -165,9 +165,15 @@ class ServedModel:
                 if self._stopping:
                     break
                 new, self._inbox = self._inbox, []
-            try:
-                for request, live in new:
+            for request, live in new:  # one request's failure must not strand the others of this batch
+                try:
                     self._admit(request, live)
+                except Exception as e:  # noqa: BLE001
+                    log.error("%s: admitting %s failed:\n%s", self.name, request.request_id, traceback.format_exc())
+                    self._live.pop(request.request_id, None)
+                    self._send_error(live.sender, f"{self._label(live.triton_id)}: admission failed: "
+                                                  f"{type(e).__name__}: {e}", "INTERNAL")
+            try:
                 self._poll_cancelled()
                 for d in engine.step():
                     self._deliver(d)
@@ -196,7 +202,12 @@ class ServedModel:
         self._last_cancel_poll = now
         for rid, live in list(self._live.items()):
             is_cancelled = getattr(live.sender, "is_cancelled", None)  # Triton >= 23.10
-            if is_cancelled is not None and is_cancelled():
+            try:
+                cancelled = is_cancelled is not None and is_cancelled()
+            except Exception:  # noqa: BLE001 - a sender we cannot ask belongs to a client that is gone
+                log.error("%s: is_cancelled() failed for %s:\n%s", self.name, rid, traceback.format_exc())
+                cancelled = True
+            if cancelled:
                 self.engine.cancel(rid)  # frees its blocks and slot now; its "cancelled" delta ends it next step
 
     def _end_all(self, message: str, code: str) -> None:
