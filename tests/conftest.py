@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 # No test machine has a GPU: Triton kernels run in Triton's interpreter, which must be switched on before triton
@@ -42,3 +43,30 @@ def tiny_hf(hf_checkpoints) -> Path:
 @pytest.fixture(params=sorted(VARIANTS))
 def variant(request) -> str:
     return request.param
+
+
+# ---- TensorRT 11.4's Python bindings wheel: read (never imported) by the API-name tests of engine/ and plugins/
+WHEEL_SPEC = "tensorrt-cu13-bindings==11.4.0.106"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("TRTFALCON_WHEEL_CACHE", Path.home() / ".cache" / "trtfalcon" / "wheels"))
+
+
+@pytest.fixture(scope="session")
+def trt_bindings_wheel() -> Path:
+    """The wheel file; downloaded into TRTFALCON_WHEEL_CACHE (default ~/.cache/trtfalcon/wheels) on first use.
+    Pinned to its published tags (cp311, manylinux_2_28_x86_64) so any CI Python can fetch it; skipped, with the
+    reason, only when no index is reachable."""
+    d = _cache_dir()
+    found = sorted(d.glob("tensorrt_cu13_bindings-11.4.0.106-*.whl")) if d.is_dir() else []
+    if found:
+        return found[0]
+    d.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL_SPEC, "-d", str(d), "-q", "--only-binary=:all:",
+           "--python-version", "3.11", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    found = sorted(d.glob("tensorrt_cu13_bindings-11.4.0.106-*.whl"))
+    if r.returncode != 0 or not found:
+        pytest.skip(f"cannot obtain {WHEEL_SPEC} to read TensorRT's API: {r.stderr.strip()[-300:]}")
+    return found[0]
