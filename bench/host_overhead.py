@@ -23,6 +23,7 @@ import torch
 from trtfalcon.runtime.executors.null import NullExecutor, null_cache_spec
 from trtfalcon.runtime.llm import LLMEngine
 from trtfalcon.runtime.request import Request, SamplingParams
+from trtfalcon.bench.throughput import percentile
 
 
 def run_case(name: str, *, batch: int, vocab: int, isl: int, osl: int, steps: int, max_num_tokens: int,
@@ -60,8 +61,8 @@ def run_case(name: str, *, batch: int, vocab: int, isl: int, osl: int, steps: in
         "build_us": statistics.fmean(e.build_us for e in log),
         "sample_us": statistics.fmean(e.sample_us for e in log),
         "host_us": statistics.fmean(host),
-        "host_p50_us": statistics.median(host),
-        "host_p99_us": sorted(host)[int(0.99 * (len(host) - 1))],
+        "host_p50_us": percentile(host, 50),
+        "host_p99_us": percentile(host, 99),
         "execute_us": statistics.fmean(e.execute_us for e in log),
     }
 

@@ -33,9 +33,12 @@ def test_jsonl_dataset_errors_name_the_line(tmp_path):
         raise AssertionError("expected an error")
 
 
-def test_percentile():
+def test_percentile_is_nearest_rank():
     assert percentile([], 50) is None
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0  # not 3 (rounding an interpolated index)
+    values = [float(i) for i in range(1, 101)]
+    assert percentile(values, 99) == 99.0 and percentile(values, 90) == 90.0 and percentile(values, 1) == 1.0
 
 
 def test_bench_writes_a_consistent_report(tmp_path):

@@ -7,6 +7,7 @@ same concurrency, and are not counted. TTFT and TPOT come from each request's ow
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -20,11 +21,12 @@ from trtfalcon.runtime.request import Request, RequestOutput, SamplingParams
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in [0, 100]); None when there are no values."""
+    """Nearest-rank percentile (q in (0, 100]): the smallest value with at least q% of the values at or below it.
+    None when there are no values. (What latency reports usually mean by P50/P90/P99; no interpolation.)"""
     if not values:
         return None
     s = sorted(values)
-    k = max(0, min(len(s) - 1, round(q / 100 * (len(s) - 1))))
+    k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
     return s[k]
 
 
