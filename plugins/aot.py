@@ -206,11 +206,13 @@ class BuildConfig:
     dtypes: dict[str, str]
     attrs: dict[str, Any]
     dims: dict[str, tuple[int, ...]]  # static dims per input (only those the constexprs read need be right)
+    min_cc: int = 0  # oldest compute capability it compiles for (float8 conversions need sm_89)
 
 
 def configurations(cfg: FalconH1Config, act_dtypes: Iterable[str] = ("float32", "bfloat16")) -> list[BuildConfig]:
     """Every (op, kernel, dtype, variant) an engine for `cfg` may use: activations fp32 or bf16; the SSM state
-    pool fp32 or bf16; the conv state in the activation dtype or fp32; norm with/without, before/after gate."""
+    pool fp32 or bf16; the conv state in the activation dtype or fp32; the KV cache in the activation dtype or
+    FP8 (E4M3, with its k/v scales; sm_89 and newer); norm with/without, before/after gate."""
     out: list[BuildConfig] = []
     i32 = "int32"
     conv_dim, K = cfg.conv_dim, cfg.mamba_d_conv
@@ -234,10 +236,13 @@ def configurations(cfg: FalconH1Config, act_dtypes: Iterable[str] = ("float32", 
                     dict(chunk_size=cfg.mamba_chunk_size, dt_min=float(lim[0]), dt_max=float(lim[1])),
                     dict(x=(1, H, P), B=(1, G, N))))
         for kern in ("prefill", "decode"):
-            out.append(BuildConfig(
-                "paged_attention", kern, f"qkv-{a}_cache-{a}",
-                dict(q=act, k=act, v=act, kv_cache=act, block_tables=i32, cu_seqlens=i32, context_lens=i32),
-                dict(scale=0.0), dict(q=(1, hq, hd), k=(1, hkv, hd))))
+            for cache in (act, "float8_e4m3fn"):
+                fp8 = cache == "float8_e4m3fn"
+                out.append(BuildConfig(
+                    "paged_attention", kern, f"qkv-{a}_cache-{'fp8' if fp8 else a}",
+                    dict(q=act, k=act, v=act, kv_cache=cache, block_tables=i32, cu_seqlens=i32, context_lens=i32,
+                         k_scale="float32", v_scale="float32"),
+                    dict(scale=0.0), dict(q=(1, hq, hd), k=(1, hkv, hd)), min_cc=89 if fp8 else 0))
         for has_norm, nbg in ((True, False), (True, True), (False, False)):
             tag = f"y-{a}_" + (("norm-before-gate" if nbg else "gate-then-norm") if has_norm else "gate-only")
             out.append(BuildConfig(
@@ -270,6 +275,8 @@ def compile_all(archs: list[str], out_dir: Path, progress: Callable[[str], None]
         adir = out_dir / f"sm_{cc}"
         adir.mkdir(parents=True, exist_ok=True)
         for bc in configs:
+            if cc < bc.min_cc:
+                continue
             comp = compile_config(bc, cc)
             stem = f"{comp.plugin}__{bc.tag}"
             (adir / f"{stem}.ptx").write_text(comp.ptx)

@@ -9,11 +9,43 @@ Layouts (the engine I/O contract, trtfalcon/runtime/contract.py):
 Token i of sequence b sits at position p = context_lens[b] + i: its k/v are written to block
 block_tables[b, p // block_size], row p % block_size, and it attends to positions 0..p (causal).
 Returns (num_tokens, Hq, D) in q's dtype; softmax in fp32, scale = D**-0.5 unless given.
+
+FP8 KV cache (kv_cache float8_e4m3fn, trtfalcon/quantize/fp8_format.py): k_scale, v_scale are the layer's fp32
+scalars (shape ()) calibrated by ModelOpt; a row is written as fp8(clamp(k / k_scale, -448, 448)) (round to
+nearest even, saturating, exactly quantize_fp8) and read as cache * k_scale (v likewise); absent scales mean 1.
+Only an FP8 cache reads the scales: a bf16/fp32 cache ignores them (graph formats always pass them, as 1.0), so it
+computes exactly what it did before they existed, with the very same kernel code.
 """
 
 from __future__ import annotations
 
 import torch
+
+from trtfalcon.quantize.fp8_format import FP8_DTYPE, quantize_fp8
+
+
+def to_cache(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """New K or V rows as the cache stores them: fp8(x / scale) saturated for an FP8 cache, else x cast."""
+    if dtype == FP8_DTYPE:
+        return quantize_fp8(x, scale if scale is not None else torch.ones((), device=x.device))
+    return x.to(dtype)
+
+
+def from_cache(c: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Cache rows as fp32 values: cache * scale for an FP8 cache (the dequantization of to_cache), else as stored."""
+    return c.float() * scale.float() if c.dtype == FP8_DTYPE and scale is not None else c.float()
+
+
+def check_kv_scales(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
+    """Both scales or neither, each an fp32 scalar: a half-given pair is a caller's bug, not a default."""
+    if (k_scale is None) != (v_scale is None):
+        state = {n: "absent" if t is None else "given" for n, t in (("k_scale", k_scale), ("v_scale", v_scale))}
+        raise ValueError(f"paged_attention: k_scale and v_scale go together; found k_scale {state['k_scale']}, "
+                         f"v_scale {state['v_scale']}")
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t is not None and (t.dim() != 0 or t.dtype != torch.float32):
+            raise ValueError(f"paged_attention: {name} expected an fp32 scalar (shape ()), found {t.dtype} "
+                             f"of shape {tuple(t.shape)}")
 
 
 def paged_attention_ref(
@@ -25,7 +57,10 @@ def paged_attention_ref(
     cu_seqlens: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    check_kv_scales(k_scale, v_scale)
     num_tokens, hq, d = q.shape
     hkv = k.shape[1]
     block_size = kv_cache.shape[2]
@@ -41,12 +76,12 @@ def paged_attention_ref(
         pos = torch.arange(ctx, total)
         blocks = block_tables[b, pos // block_size].long()
         rows = pos % block_size
-        kv_cache[0, blocks, rows] = k[s:e].to(kv_cache.dtype)
-        kv_cache[1, blocks, rows] = v[s:e].to(kv_cache.dtype)
+        kv_cache[0, blocks, rows] = to_cache(k[s:e], kv_cache.dtype, k_scale)
+        kv_cache[1, blocks, rows] = to_cache(v[s:e], kv_cache.dtype, v_scale)
         allpos = torch.arange(total)
         ab, ar = block_tables[b, allpos // block_size].long(), allpos % block_size
-        keys = kv_cache[0, ab, ar].float().repeat_interleave(hq // hkv, dim=1)  # (total, Hq, D)
-        vals = kv_cache[1, ab, ar].float().repeat_interleave(hq // hkv, dim=1)
+        keys = from_cache(kv_cache[0, ab, ar], k_scale).repeat_interleave(hq // hkv, dim=1)  # (total, Hq, D)
+        vals = from_cache(kv_cache[1, ab, ar], v_scale).repeat_interleave(hq // hkv, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[s:e].float(), keys) * scale
         causal = allpos[None, :] <= pos[:, None]  # (n, total)
         scores = scores.masked_fill(~causal[None], -torch.inf)
@@ -57,7 +92,22 @@ def paged_attention_ref(
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernel
 # ----------------------------------------------------------------------------------------------------------------
-from trtfalcon.plugins._triton import mma_operand, tl, triton  # noqa: E402
+from trtfalcon.plugins._triton import mma_operand, tl, to_fp8e4m3, triton  # noqa: E402
+
+
+@triton.jit
+def _cache_value(x, scale, CACHE_TY: tl.constexpr, KV_FP8: tl.constexpr, HAS_KV_SCALE: tl.constexpr):
+    """x -> the value the cache stores (to_cache above): fp8(clamp(x / scale, +-448)) for an FP8 cache, with an
+    IEEE division (div_rn: Triton's `/` is approximate on the GPU, and a last-bit difference can flip an fp8 tie,
+    so the cache would not hold exactly quantize_fp8's bytes); a plain cast otherwise."""
+    if KV_FP8:
+        if HAS_KV_SCALE:
+            y = tl.div_rn(x.to(tl.float32), scale)
+        else:
+            y = x.to(tl.float32)
+        return to_fp8e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
+    else:
+        return x.to(CACHE_TY)
 
 
 @triton.jit
@@ -82,6 +132,8 @@ def paged_attention_kernel(
     block_tables_ptr,  # (num_seqs, max_blocks) int32
     cu_seqlens_ptr,  # (num_seqs+1,) int32
     context_lens_ptr,  # (num_seqs,) int32
+    k_scale_ptr,  # () fp32, read when HAS_KV_SCALE (an FP8 cache; graph formats always pass it, 1.0 when unused)
+    v_scale_ptr,  # () fp32
     # scalars (shape expressions)
     num_blocks,
     block_size,
@@ -98,6 +150,8 @@ def paged_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    KV_FP8: tl.constexpr,  # kv_cache is float8_e4m3fn
+    HAS_KV_SCALE: tl.constexpr,  # an FP8 cache with k_scale / v_scale given (else 1: never read)
 ):
     """One program = TOKENS_PER_TILE query tokens of one sequence x all HQ/HKV query heads of one KV head.
 
@@ -110,6 +164,10 @@ def paged_attention_kernel(
     program writes the K/V of its own tokens, and no program reads a cache row written in the same step, so
     there is no race between programs and no second kernel. (Blocks receiving new rows must be owned by this
     sequence alone; copy-on-write for shared prefixes is the cache manager's job.)
+    FP8 cache: K/V stay in fp8 units inside the loops (fp8 -> bf16/fp32 is exact, so the tensor-core dot sees
+    exactly the cached values) and the scales fold into the scores (qk_scale * k_scale) and the output
+    (acc * v_scale): two multiplies per row instead of one per element. New tokens go through the same rounding
+    as the cache rows they become (_cache_value), so the output does not depend on where the step was chunked.
     RoPE stays outside: the model applies it with plain ops, where it fuses with the QKV projection's epilogue
     in TensorRT; fusing it here would force positions and the rope cache into the plugin for no bandwidth gain.
     """
@@ -126,6 +184,13 @@ def paged_attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
     kv_stride_tok: tl.constexpr = HKV * HEAD_DIM
+    CACHE_TY: tl.constexpr = kv_cache_out_ptr.dtype.element_ty
+    if HAS_KV_SCALE:
+        k_scale = tl.load(k_scale_ptr).to(tl.float32)
+        v_scale = tl.load(v_scale_ptr).to(tl.float32)
+    else:
+        k_scale = 1.0
+        v_scale = 1.0
     v_cache_off = num_blocks.to(tl.int64) * block_size * kv_stride_tok  # kv_cache[1]
 
     # Write this tile's new K/V rows into their blocks: position context_len + i -> block_tables[b, pos // bs].
@@ -138,8 +203,10 @@ def paged_attention_kernel(
     m_tt = tt_mask[:, None] & dmask[None, :]
     k_new = tl.load(k_ptr + src[:, None] + offs_d[None, :], mask=m_tt, other=0.0)
     v_new = tl.load(v_ptr + src[:, None] + offs_d[None, :], mask=m_tt, other=0.0)
-    tl.store(kv_cache_out_ptr + dst[:, None] + offs_d[None, :], k_new.to(kv_cache_out_ptr.dtype.element_ty), mask=m_tt)
-    tl.store(kv_cache_out_ptr + v_cache_off + dst[:, None] + offs_d[None, :], v_new.to(kv_cache_out_ptr.dtype.element_ty), mask=m_tt)
+    tl.store(kv_cache_out_ptr + dst[:, None] + offs_d[None, :],
+             _cache_value(k_new, k_scale, CACHE_TY, KV_FP8, HAS_KV_SCALE), mask=m_tt)
+    tl.store(kv_cache_out_ptr + v_cache_off + dst[:, None] + offs_d[None, :],
+             _cache_value(v_new, v_scale, CACHE_TY, KV_FP8, HAS_KV_SCALE), mask=m_tt)
 
     # Query rows: (token t_first + r // QG, head kvh * QG + r % QG).
     rows = tl.arange(0, BLOCK_M)
@@ -149,7 +216,7 @@ def paged_attention_kernel(
     q_offs = ((start + q_tok).to(tl.int64) * HQ + q_head)[:, None] * HEAD_DIM + offs_d[None, :]
     # q stays in its dtype: for bf16 models both matmuls run on bf16 tensor cores with fp32 accumulation.
     q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & dmask[None, :], other=0.0)
-    qk_scale = SCALE * 1.4426950408889634  # log2(e): softmax with exp2
+    qk_scale = SCALE * 1.4426950408889634 * k_scale  # log2(e): softmax with exp2; k_scale: K in cache units
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -176,14 +243,16 @@ def paged_attention_kernel(
         jmask = j < hi_new
         src_j = (start + j).to(tl.int64) * kv_stride_tok + kvh * HEAD_DIM
         m_kv = jmask[:, None] & dmask[None, :]
-        # rounded through the cache dtype, as if read back from the cache (what the reference does)
-        k = tl.load(k_ptr + src_j[:, None] + offs_d[None, :], mask=m_kv, other=0.0).to(kv_cache_ptr.dtype.element_ty).to(q.dtype)
-        v = tl.load(v_ptr + src_j[:, None] + offs_d[None, :], mask=m_kv, other=0.0).to(kv_cache_ptr.dtype.element_ty).to(q.dtype)
+        # rounded through the cache dtype (and scale), as if read back from the cache (what the reference does)
+        k = tl.load(k_ptr + src_j[:, None] + offs_d[None, :], mask=m_kv, other=0.0)
+        v = tl.load(v_ptr + src_j[:, None] + offs_d[None, :], mask=m_kv, other=0.0)
+        k = _cache_value(k, k_scale, CACHE_TY, KV_FP8, HAS_KV_SCALE).to(q.dtype)
+        v = _cache_value(v, v_scale, CACHE_TY, KV_FP8, HAS_KV_SCALE).to(q.dtype)
         s = tl.dot(mma_operand(q), tl.trans(mma_operand(k))) * qk_scale
         visible = jmask[None, :] & (j[None, :] <= q_tok[:, None])
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out = acc * v_scale / l_safe[:, None]  # v_scale: V in cache units
     tl.store(out_ptr + q_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dmask[None, :])

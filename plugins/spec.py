@@ -39,6 +39,7 @@ DTYPES: dict[str, tuple[torch.dtype, str, int]] = {
     "float16": (torch.float16, "fp16", 10),
     "bfloat16": (torch.bfloat16, "bf16", 16),
     "int32": (torch.int32, "i32", 6),
+    "float8_e4m3fn": (torch.float8_e4m3fn, "fp8e4nv", 17),  # FP8 KV cache only (sm_89+: tl.float8e4nv)
 }
 FLOATS = ("float32", "bfloat16", "float16")
 
@@ -383,9 +384,11 @@ GATED_RMS_NORM = OpSpec(
 )
 
 
-def _bind_attn(q, k, v, kv_cache, block_tables, cu_seqlens, context_lens, scale=None):
+def _bind_attn(q, k, v, kv_cache, block_tables, cu_seqlens, context_lens, scale=None, k_scale=None, v_scale=None):
+    attention.check_kv_scales(k_scale, v_scale)
     return (dict(q=q, k=k, v=v, kv_cache=kv_cache, block_tables=block_tables, cu_seqlens=cu_seqlens,
-                 context_lens=context_lens), dict(scale=float(scale) if scale is not None else 0.0))
+                 context_lens=context_lens, k_scale=k_scale, v_scale=v_scale),
+            dict(scale=float(scale) if scale is not None else 0.0))
 
 
 def _attn_constexprs(block_m: int, block_n: int) -> Callable[[KernelContext], dict[str, Any]]:
@@ -394,10 +397,13 @@ def _attn_constexprs(block_m: int, block_n: int) -> Callable[[KernelContext], di
         qg = hq // hkv
         bm = max(block_m, _pow2(qg))
         scale = c.attrs["scale"] or d**-0.5
+        # only an FP8 cache reads its scales: bf16/fp32 kernels stay the code they were (no loads, no division)
+        fp8 = c.dtypes["kv_cache"] == "float8_e4m3fn"
         # fp32 operands take twice the registers: halve the key tile (and for heads wider than 128)
         bn = block_n // (2 if c.dtypes["q"] == "float32" else 1) // (2 if d > 128 else 1)
         return dict(HQ=hq, HKV=hkv, HEAD_DIM=d, SCALE=float(scale), TOKENS_PER_TILE=bm // qg,
-                    BLOCK_TT=_pow2(bm // qg), BLOCK_M=bm, BLOCK_N=max(16, bn), BLOCK_D=max(16, _pow2(d)))
+                    BLOCK_TT=_pow2(bm // qg), BLOCK_M=bm, BLOCK_N=max(16, bn), BLOCK_D=max(16, _pow2(d)),
+                    KV_FP8=fp8, HAS_KV_SCALE=fp8 and bool(c.present["k_scale"]))
     return make
 
 
@@ -412,9 +418,12 @@ PAGED_ATTENTION = OpSpec(
         TensorArg("q", ("num_tokens", "Hq", "D"), FLOATS),
         TensorArg("k", ("num_tokens", "Hkv", "D"), FLOATS),
         TensorArg("v", ("num_tokens", "Hkv", "D"), FLOATS),
-        TensorArg("kv_cache", ("2", "num_blocks", "block_size", "Hkv", "D"), FLOATS),
+        TensorArg("kv_cache", ("2", "num_blocks", "block_size", "Hkv", "D"), FLOATS + ("float8_e4m3fn",)),
         _i32("block_tables", ("num_seqs", "max_blocks")), _i32("cu_seqlens", ("num_seqs+1",)),
         _i32("context_lens", ("num_seqs",)),
+        # FP8 KV cache: cache = fp8(k / k_scale), read as cache * k_scale (fp8_format.py); 1.0 = unscaled
+        TensorArg("k_scale", (), ("float32",), optional=True, fill=1.0),
+        TensorArg("v_scale", (), ("float32",), optional=True, fill=1.0),
     ),
     outputs=(OutputArg("out", like="q"), OutputArg("kv_cache_out", like="kv_cache", alias="kv_cache")),
     attributes=(Attr("scale", float, 0.0, "softmax scale; 0 = head_dim ** -0.5"),),

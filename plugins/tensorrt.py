@@ -20,7 +20,8 @@ from trtfalcon.errors import MissingDependencyError
 from trtfalcon.plugins.spec import DOMAIN, OPS, KernelSpec, OpSpec
 
 # TensorRT dtype attribute names per spec dtype name (resolved against the installed tensorrt module).
-_TRT_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int32": "int32"}
+_TRT_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int32": "int32",
+              "float8_e4m3fn": "fp8"}  # the FP8 KV cache (trt.fp8 is E4M3)
 _REGISTERED: set[str] = set()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trtfalcon.plugins.attention import check_kv_scales, from_cache, to_cache
 from trtfalcon.plugins.ssd import dt_transform, ssd_chunked_ref
 
 
@@ -113,7 +114,10 @@ def paged_attention_batched(
     cu_seqlens: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    check_kv_scales(k_scale, v_scale)
     num_tokens, hq, d = q.shape
     hkv = k.shape[1]
     bs = kv_cache.shape[2]
@@ -124,8 +128,8 @@ def paged_attention_batched(
     # 1. every new K/V into its block at once
     pos = ctx[seq] + offset  # (T,) position of each token in its sequence
     blk = tables[seq, pos // bs]
-    kv_cache[0, blk, pos % bs] = k.to(kv_cache.dtype)
-    kv_cache[1, blk, pos % bs] = v.to(kv_cache.dtype)
+    kv_cache[0, blk, pos % bs] = to_cache(k, kv_cache.dtype, k_scale)  # fp8(k / k_scale) for an FP8 cache
+    kv_cache[1, blk, pos % bs] = to_cache(v, kv_cache.dtype, v_scale)
     out = torch.empty_like(q)
     cu = cu_seqlens.long()
     # 2. decode sequences (one token each): one masked, batched attention over their gathered contexts
@@ -133,24 +137,28 @@ def paged_attention_batched(
     if decode.numel():
         tok = cu[:-1][decode]
         last = ctx[decode]  # (b,) the new token's position: it attends to 0..last
-        out[tok] = _attend(q[tok][:, None], kv_cache, tables[decode], last[:, None], scale)[:, 0]
+        out[tok] = _attend(q[tok][:, None], kv_cache, tables[decode], last[:, None], scale, k_scale,
+                           v_scale)[:, 0]
     # 3. prefill chunks: one sequence at a time (causal within the chunk, full over the cached prefix)
     for bi in torch.nonzero(lens > 1).flatten().tolist():
         s0, e0 = int(cu[bi]), int(cu[bi + 1])
         qpos = torch.arange(int(ctx[bi]), int(ctx[bi]) + e0 - s0, device=q.device)
-        out[s0:e0] = _attend(q[s0:e0][None], kv_cache, tables[bi:bi + 1], qpos[None], scale)[0]
+        out[s0:e0] = _attend(q[s0:e0][None], kv_cache, tables[bi:bi + 1], qpos[None], scale, k_scale,
+                              v_scale)[0]
     return out
 
 
-def _attend(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor, qpos: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: (b, n, Hq, D) at positions qpos (b, n); keys/values gathered from each row's blocks up to max(qpos)."""
+def _attend(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor, qpos: torch.Tensor, scale: float,
+            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q: (b, n, Hq, D) at positions qpos (b, n); keys/values gathered from each row's blocks up to max(qpos),
+    dequantized as cache * scale (attention.from_cache)."""
     b, n, hq, d = q.shape
     hkv, bs = kv_cache.shape[3], kv_cache.shape[2]
     lmax = int(qpos.max()) + 1
     allpos = torch.arange(lmax, device=q.device)
     ab = tables[:, allpos // bs]  # (b, Lmax); entries past a sequence's length are masked below
-    keys = kv_cache[0][ab, allpos % bs].float()  # (b, Lmax, Hkv, D)
-    vals = kv_cache[1][ab, allpos % bs].float()
+    keys = from_cache(kv_cache[0][ab, allpos % bs], k_scale)  # (b, Lmax, Hkv, D)
+    vals = from_cache(kv_cache[1][ab, allpos % bs], v_scale)
     qg = q.float().view(b, n, hkv, hq // hkv, d)  # GQA: query head h uses kv head h // (Hq/Hkv)
     scores = torch.einsum("bnkgd,blkd->bnkgl", qg, keys) * scale
     causal = allpos[None, None, :] <= qpos[:, :, None]  # (b, n, Lmax)

@@ -70,3 +70,24 @@ def test_paged_attention(mix):
     o2 = paged_attention_batched(q, k, v, c2, tables, cu, ctx)
     torch.testing.assert_close(o2, o1, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(c2, c1)
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_fp8_cache(mix, dtype):
+    """An FP8 (E4M3) cache with per-layer k/v scales: the same outputs and the same cache bytes as the reference;
+    the scales are small enough that some new rows saturate at +-448."""
+    g = torch.Generator().manual_seed(3)
+    cu, ctx, _ = _batch(MIXES[mix], 8, g)
+    T, Hq, Hkv, D, bs, nblk = int(cu[-1]), 6, 2, 8, 4, 64
+    q, k, v = (torch.randn(T, h, D, generator=g).to(dtype) for h in (Hq, Hkv, Hkv))
+    tables = torch.randperm(nblk, generator=g)[: len(MIXES[mix]) * 10].view(len(MIXES[mix]), 10).int()
+    cache = (torch.randn(2, nblk, bs, Hkv, D, generator=g) * 100).to(torch.float8_e4m3fn)
+    k_scale, v_scale = torch.tensor(0.005), torch.tensor(0.02)  # |k| / 0.005 > 448 for |k| > 2.24
+    c1, c2 = cache.clone(), cache.clone()
+    o1 = paged_attention_ref(q, k, v, c1, tables, cu, ctx, None, k_scale, v_scale)
+    o2 = paged_attention_batched(q, k, v, c2, tables, cu, ctx, None, k_scale, v_scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(o2, o1, atol=tol, rtol=tol)
+    assert torch.equal(c2.view(torch.uint8), c1.view(torch.uint8))
+    assert (c1.float().abs() == 448).sum() > (cache.float().abs() == 448).sum(), "expected saturated new rows"

@@ -208,8 +208,9 @@ def quantize(hf_dir: Path, out_dir: Path, fmt: str, kv_cache_dtype: str | None, 
 @click.option("--dtype", type=DTYPE_CHOICE, default=None,
               help="Compute dtype of the graph [default: the checkpoint's]. The onnxruntime backend needs fp32.")
 @click.option("--opset", default=21, show_default=True, type=click.IntRange(min=21), help="ONNX opset (21 or newer).")
-@click.option("--kv-cache-dtype", "kv_dtype", type=DTYPE_CHOICE, default=None,
-              help="Dtype of the KV cache pools the graph takes [default: the compute dtype].")
+@click.option("--kv-cache-dtype", "kv_dtype", type=click.Choice(["bf16", "fp16", "fp32", "fp8"]), default=None,
+              help="Dtype of the KV cache pools the graph takes [default: the compute dtype]; fp8 needs the "
+                   "checkpoint's k/v scales (`quantize --kv-cache-dtype fp8`).")
 @click.option("--ssm-state-dtype", "ssm_dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="Dtype of the Mamba SSM state pools.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only after the new one is complete).")
@@ -262,6 +263,10 @@ def runtime_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="KV blocks in the pool [default: every sequence at full length]. Fewer forces preemption."),
         click.option("--ssm-state-dtype", "ssm_dtype", type=click.Choice(["fp32", "bf16"]), default="fp32",
                      show_default=True, help="Dtype of the Mamba SSM state pool."),
+        click.option("--kv-cache-dtype", "kv_dtype", type=click.Choice(["auto", "fp8"]), default="auto",
+                     show_default=True,
+                     help="KV cache pool: auto = the compute dtype (torch) or what the export/engine takes; fp8 = "
+                          "E4M3 with the checkpoint's per-layer k/v scales (`quantize --kv-cache-dtype fp8`)."),
         click.option("--kernels", type=click.Choice(["auto", "torch", "reference", "triton"]), default="auto",
                      show_default=True,
                      help="Plugin ops: triton = the Triton kernels (CUDA; Triton's interpreter on CPU, slow); "
@@ -279,9 +284,11 @@ def runtime_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _runtime_opts(kw: dict[str, Any]):
     from trtfalcon.runtime.backends import RuntimeOptions
 
-    keys = ("max_batch_size", "max_num_tokens", "max_seq_len", "block_size", "num_blocks", "ssm_dtype", "kernels",
-            "device", "dtype")
-    opts = RuntimeOptions(**{k: kw.pop(k) for k in keys})
+    keys = ("max_batch_size", "max_num_tokens", "max_seq_len", "block_size", "num_blocks", "ssm_dtype", "kv_dtype",
+            "kernels", "device", "dtype")
+    values = {k: kw.pop(k) for k in keys}
+    values["kv_dtype"] = None if values["kv_dtype"] == "auto" else values["kv_dtype"]  # None: as before the option
+    opts = RuntimeOptions(**values)
     if opts.kernels == "triton" and opts.device == "cpu":
         import os
 

@@ -70,6 +70,43 @@ def test_build_on_cpu_writes_every_stage_then_names_what_is_missing(tiny_hf, tmp
         engine_dir_of(out)
 
 
+@pytest.mark.slow
+def test_h100_fp8_kv_config_builds_up_to_the_engine_on_cpu(tiny_hf, tmp_path):
+    """build_configs/h100-fp8-fp8kv-b64-isl512-osl32k.yaml on the tiny checkpoint (calibration shortened to keep
+    the test fast) gets as far as the other configs: FP8 KV scales calibrated and converted, float8 KV pools in the
+    export, the fp8-cache attention kernels compiled for sm_90; it stops only for the missing TensorRT."""
+    if tensorrt_available() is None:
+        pytest.skip("TensorRT and a GPU are here: test_engine_builds_and_generates covers the full build")
+    raw = yaml.safe_load((ROOT / "build_configs" / "h100-fp8-fp8kv-b64-isl512-osl32k.yaml").read_text())
+    assert raw["precision"]["kv_cache"] == "fp8"
+    raw["quantize"] = {**raw["quantize"], "calib_size": 8, "calib_seq_len": 64, "holdout": 4}  # as tiny-demo.yaml
+    cfg = tmp_path / "h100-fp8kv.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "build"
+    r = _cli("build", "--config", cfg, "--checkpoint", tiny_hf, "--out", out)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "engine not built: TensorRT is not installed" in r.stderr, r.stderr
+    record = json.loads((out / "build.json").read_text())
+    assert {k: v["status"] for k, v in record["stages"].items()} == {
+        "quantize": "done", "convert": "done", "export": "done", "kernels": "done", "engine": "missing"}
+    deploy = json.loads((out / "deploy" / "config.json").read_text())["trtfalcon"]["quantization"]
+    assert deploy["kv_cache_quant_algo"] == "FP8"
+    export = json.loads((out / "onnx" / "export.json").read_text())
+    assert export["cache_dtypes"]["kv_cache"] == "fp8"
+    assert export["inputs"]["kv_cache.0"]["dtype"] == export["outputs"]["kv_cache_out.0"]["dtype"] == "fp8"
+    import onnx
+
+    model = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False)
+    kv_in = next(i for i in model.graph.input if i.name == "kv_cache.0")
+    assert kv_in.type.tensor_type.elem_type == onnx.TensorProto.FLOAT8E4M3FN
+    attn = next(n for n in model.graph.node if n.op_type == "paged_attention")
+    assert list(attn.input[-2:]) == ["layers.0.attn.k_scale", "layers.0.attn.v_scale"]
+    kernels = json.loads((out / "kernels" / "manifest.json").read_text())
+    fp8 = [k for k in kernels["kernels"] if k["config"].endswith("cache-fp8")]
+    assert {k["plugin"] for k in fp8} == {"paged_attention", "paged_attention_decode"} and len(fp8) == 4
+    assert all(k["resources"]["spill_stores"] == k["resources"]["spill_loads"] == 0 for k in fp8)
+
+
 def test_plan_only(tmp_path):
     cfg = ROOT / "build_configs" / "h100-fp8-fp8kv-b64-isl512-osl32k.yaml"
     r = CliRunner().invoke(main, ["build", "--config", str(cfg), "--plan-only"])
@@ -98,9 +135,13 @@ def test_bad_key_in_build_config_cli(tiny_hf, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_precision_mismatch_and_unsupported_fp8_kv(tiny_hf, tmp_path):
-    with pytest.raises(ConfigError, match="precision.kv_cache: fp8 is planned for, but the ONNX exporter"):
-        run_build(_tiny(tmp_path, precision={"kv_cache": "fp8"}), tiny_hf, tmp_path / "a")
+def test_precision_mismatch_and_fp8_kv_without_scales(tiny_hf, tmp_path):
+    from trtfalcon.quantize.fp8 import quantize_fp8
+
+    pytest.importorskip("modelopt", reason="FP8 calibration needs nvidia-modelopt")
+    fp8 = quantize_fp8(tiny_hf, tmp_path / "fp8", calib_size=2, calib_seq_len=16, accuracy=False).out_dir
+    with pytest.raises(ConfigError, match=r"asks precision.kv_cache: fp8, which needs each layer's k_scale / v_scale"):
+        run_build(_tiny(tmp_path, precision={"kv_cache": "fp8"}), fp8, tmp_path / "a")
     assert not (tmp_path / "a").exists()
     from trtfalcon.checkpoint.convert import convert_checkpoint
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -66,15 +67,43 @@ def calibrate_input_amax(weights: DeployWeights, batch: StepBatch) -> dict[str, 
     return amax
 
 
-def make_fp8_deploy(deploy_dir: Path, out: Path) -> DeployWeights:
+def calibrate_kv_amax(weights: DeployWeights, batch: StepBatch) -> dict[str, float]:
+    """max |k| and |v| entering each layer's KV cache over one prefill ("layers.{i}.attn.k_scale" -> amax), as
+    ModelOpt's k/v bmm quantizers calibrate them (K after RoPE and the folded key multiplier)."""
+    ops = get_ops("torch")
+    amax: dict[str, float] = {}
+    calls = []
+
+    def recording(q, k, v, *args, **kwargs):
+        i = len(calls) % weights.config.num_hidden_layers
+        calls.append(i)
+        for kind, t in (("k", k), ("v", v)):
+            name = f"layers.{i}.attn.{kind}_scale"
+            amax[name] = max(amax.get(name, 0.0), float(t.abs().max()))
+        return ops.paged_attention(q, k, v, *args, **kwargs)
+
+    cfg = weights.config
+    pools = {}
+    for i in range(cfg.num_hidden_layers):
+        pools[f"kv_cache.{i}"] = torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim)
+        pools[f"conv_state.{i}"] = torch.zeros(NUM_SLOTS, cfg.conv_dim, cfg.conv_state_len)
+        pools[f"ssm_state.{i}"] = torch.zeros(NUM_SLOTS, cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state)
+    FalconH1Model(weights, dataclasses.replace(ops, paged_attention=recording)).forward(batch, pools)
+    return amax
+
+
+def make_fp8_deploy(deploy_dir: Path, out: Path, kv_cache: bool = False) -> DeployWeights:
     """An FP8 deploy checkpoint per trtfalcon/quantize/fp8_format.py from an fp32 one: per-row weight scales
-    (row amax / 448), per-tensor input scales from a calibration prefill. Returns the same tensors as DeployWeights
-    (what the torch executor runs, fake-quantized)."""
+    (row amax / 448), per-tensor input scales from a calibration prefill; kv_cache: also k/v scales (amax / 448)
+    for an FP8 KV cache. Returns the same tensors as DeployWeights (what the torch executor runs, fake-quantized)."""
     weights = load_weights(deploy_dir)
     cfg = weights.config
     calib = step(cfg.vocab_size, [(12, 0, 0, 0), (7, 0, 1, 6)], torch.Generator().manual_seed(7))
     amax = calibrate_input_amax(weights, calib)
+    kv_amax = calibrate_kv_amax(weights, calib) if kv_cache else {}
     tensors = dict(weights.tensors)
+    for name, a in kv_amax.items():
+        tensors[name] = torch.tensor(a / FP8_MAX, dtype=torch.float32)
     for i in range(cfg.num_hidden_layers):
         for leaf in QUANTIZED_LINEARS:
             name = f"layers.{i}.{leaf}"
@@ -86,6 +115,7 @@ def make_fp8_deploy(deploy_dir: Path, out: Path) -> DeployWeights:
     out.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, out / "model.safetensors")
     raw = json.loads((deploy_dir / "config.json").read_text())
-    raw["trtfalcon"]["quantization"] = {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": []}
+    raw["trtfalcon"]["quantization"] = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if kv_cache else None,
+                                        "exclude_modules": []}
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     return DeployWeights(cfg, tensors, torch.float32)

@@ -67,11 +67,16 @@ def test_fp8_where_fp8_is_not_allowed(fp8_dir, tmp_path):
         export_onnx(bad, tmp_path / "out")
 
 
-def test_fp8_kv_cache_is_refused_with_the_reason(fp8_dir, tmp_path):
+def test_fp8_kv_cache_without_its_scales_names_the_tensor(fp8_dir, tmp_path):
+    """An FP8 KV cache declared without k/v scales, or asked of a checkpoint that has none: the tensor is named."""
     bad = edited_copy(fp8_dir, tmp_path / "bad", quantization={"quant_algo": "FP8", "kv_cache_quant_algo": "FP8",
                                                                "exclude_modules": []})
-    with pytest.raises(CheckpointError, match=r"kv_cache_quant_algo is 'FP8'; the paged_attention plugin"):
+    with pytest.raises(CheckpointError, match=r"no tensor 'layers\.0\.attn\.k_scale' .*declares an FP8 KV cache"):
         export_onnx(bad, tmp_path / "out")
+    assert_nothing_written(tmp_path / "out")
+    with pytest.raises(CheckpointError, match=r"kv_dtype fp8 needs tensor 'layers\.0\.attn\.k_scale'"):
+        export_onnx(fp8_dir, tmp_path / "out", kv_dtype="fp8")
+    assert_nothing_written(tmp_path / "out")
 
 
 def test_unwritable_output(deploy_checkpoints, tmp_path):

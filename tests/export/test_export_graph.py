@@ -120,7 +120,7 @@ def test_custom_op_binding_inverts_the_spec(exported, op_name):
     kernel = PluginKernel(op, op.ref)
     attrs = kernel.attributes({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
     assert attrs == {**op.attr_defaults(), **attrs} and set(attrs) == {a.name for a in op.attributes}
-    tensors = {i.name: torch.zeros(1) for i in op.inputs}
+    tensors = {i.name: torch.zeros((1,) * len(i.shape)) for i in op.inputs}  # of each input's rank (scales: ())
     bound_tensors, bound_attrs = op.bind(**ref_arguments(op, tensors, attrs))
     for name, t in tensors.items():
         absent = name == "weight" and op.name == "gated_rms_norm" and not attrs["has_norm"]

@@ -59,3 +59,18 @@ def test_artifacts_match_the_tensorrt_abi(manifest):
 def test_report_rows(manifest):
     rows = report_rows(manifest)
     assert rows and set(rows[0]) == set(REPORT_COLUMNS)
+
+
+@pytest.mark.slow
+def test_fp8_kv_cache_kernels_compile_for_sm90_without_spills(manifest):
+    """The FP8 KV cache configurations (E4M3 cache, bf16 and fp32 activations, prefill and decode kernels) are
+    built, take the cache as *fp8e4nv and the k/v scales as fp32 pointers, and do not spill."""
+    fp8 = [r for r in manifest["kernels"] if r["config"].endswith("_cache-fp8")]
+    assert {(r["plugin"], r["config"]) for r in fp8} == {
+        (p, f"qkv-{a}_cache-fp8") for p in ("paged_attention", "paged_attention_decode") for a in ("fp32", "bf16")}
+    for r in fp8:
+        assert r["signature"]["kv_cache_ptr"] == r["signature"]["kv_cache_out_ptr"] == "*fp8e4nv"
+        assert r["signature"]["k_scale_ptr"] == r["signature"]["v_scale_ptr"] == "*fp32"
+        assert r["constexprs"]["KV_FP8"] is True and r["constexprs"]["HAS_KV_SCALE"] is True
+        assert r["resources"]["spill_stores"] == r["resources"]["spill_loads"] == 0, r
+        assert 0 < r["resources"]["registers"] <= 255

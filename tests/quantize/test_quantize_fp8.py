@@ -297,6 +297,30 @@ def test_cli_quantize_then_generate(tok_hf, calib_jsonl, tmp_path):
     assert len(json.loads(r.output.strip().splitlines()[-1])["token_ids"]) == 4
 
 
+def test_fp8_kv_cache_from_quantize_through_convert_to_the_runtime(fp8_kv_hf, fp8_hf, tmp_path):
+    """`quantize --kv-cache-dtype fp8` -> convert -> `generate --kv-cache-dtype fp8`: the ModelOpt k/v scales reach
+    the FP8 KV pools; the pool holds fp8(k / k_scale); a checkpoint without them is refused, naming the tensor."""
+    dep = convert_checkpoint(fp8_kv_hf, tmp_path / "dep", dtype="fp32")
+    w = load_weights(dep)
+    hf = load_weights(fp8_kv_hf, "fp32")
+    assert torch.equal(w["layers.1.attn.v_scale"], hf["layers.1.attn.v_scale"])
+    r = CliRunner().invoke(main, ["generate", str(dep), "--prompt-ids", "1,2,3,4,5", "--max-new-tokens", "4",
+                                  "--kv-cache-dtype", "fp8", "--json"])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.output.strip().splitlines()[-1])["token_ids"]) == 4
+    ex = TorchExecutor(w, num_blocks=4, block_size=4, num_slots=1, kv_dtype="fp8")
+    ids = torch.tensor([7, 8, 9], dtype=torch.int32)
+    ex.execute(StepBatch(ids, torch.arange(3, dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32),
+                         torch.tensor([0], dtype=torch.int32), torch.tensor([0], dtype=torch.int32),
+                         torch.tensor([[2, 0, 1, 3]], dtype=torch.int32)))
+    pool = ex.pools["kv_cache.0"]
+    assert pool.dtype == torch.float8_e4m3fn and pool[:, 2, :3].float().abs().sum() > 0
+    assert pool[:, [0, 1, 3]].float().abs().sum() == 0 and pool[:, 2, 3].float().abs().sum() == 0
+    r = CliRunner().invoke(main, ["generate", str(fp8_hf), "--prompt-ids", "1,2,3", "--kv-cache-dtype", "fp8"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "no tensor 'layers.0.attn.k_scale'" in r.output, r.output
+
+
 def test_cli_convert_fp8_and_help(fp8_hf, tmp_path):
     r = CliRunner().invoke(main, ["convert", str(fp8_hf), str(tmp_path / "dep"), "--dtype", "bf16"])
     assert r.exit_code == 0, r.output

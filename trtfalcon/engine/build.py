@@ -201,6 +201,16 @@ def _checkpoint_kind(checkpoint: Path) -> str:
     return "hf"
 
 
+def _has_kv_scales(kind: str, checkpoint: Path) -> bool:
+    """Whether an FP8 checkpoint declares an FP8 KV cache (and so, once validated, carries the k/v scales)."""
+    if kind == "deploy-fp8":
+        raw = json.loads((checkpoint / "config.json").read_text())
+        return (raw["trtfalcon"].get("quantization") or {}).get("kv_cache_quant_algo") == "FP8"
+    from trtfalcon.checkpoint.fp8 import read_quant_config
+
+    return read_quant_config(checkpoint).kv_cache_fp8
+
+
 def plan_stages(bc: BuildConfig, kind: str, checkpoint: Path) -> list[str]:
     """Which stages this config needs for this checkpoint; a precision mismatch is an error before any work."""
     fp8 = bc.precision.weights == "fp8"
@@ -210,6 +220,11 @@ def plan_stages(bc: BuildConfig, kind: str, checkpoint: Path) -> list[str]:
     if kind == "deploy" and fp8:
         raise ConfigError(f"{checkpoint}: is a bf16 deploy checkpoint but the build config asks precision.weights: "
                           "fp8; pass its Hugging Face source (build quantizes it) or an FP8 checkpoint")
+    if bc.precision.kv_cache == "fp8" and kind in ("deploy-fp8", "hf-fp8") and not _has_kv_scales(kind, checkpoint):
+        raise ConfigError(f"{checkpoint}: the build config asks precision.kv_cache: fp8, which needs each layer's "
+                          "k_scale / v_scale, but the checkpoint was quantized without an FP8 KV cache "
+                          "(kv_cache_quant_algo null); pass its Hugging Face source (build calibrates the scales), "
+                          "re-quantize with --kv-cache-dtype fp8, or set precision.kv_cache: bf16")
     pre = {"hf": ["quantize", "convert"] if fp8 else ["convert"], "hf-fp8": ["convert"]}.get(kind, [])
     return pre + ["export", "kernels", "engine"]
 
@@ -306,17 +321,17 @@ def run_build(
 
 
 def _check_supported(bc: BuildConfig) -> None:
-    """What the exporter's cache pools take (export/onnx.py STATE_DTYPES); asked before any work is done."""
-    from trtfalcon.export.onnx import STATE_DTYPES
+    """What the exporter's cache pools take (export/onnx.py KV_DTYPES / STATE_DTYPES); asked before any work is
+    done. precision.kv_cache fp8 flows into quantize (k/v scales), export (float8 KV pools, scales fed to the
+    attention nodes) and so the engine's I/O dtypes."""
+    from trtfalcon.export.onnx import KV_DTYPES, STATE_DTYPES
 
     p = bc.precision
-    for key, value in (("kv_cache", p.kv_cache), ("conv_state", p.conv_state), ("ssm_state", p.ssm_state)):
-        if value not in STATE_DTYPES:
-            raise ConfigError(
-                f"{bc.name}: precision.{key}: {value} is planned for, but the ONNX exporter's cache pools take only "
-                f"{', '.join(STATE_DTYPES)} (trtfalcon/export/onnx.py) and the paged-attention plugin has no FP8 "
-                "cache kernel yet; the k/v scales are calibrated and kept in the FP8 checkpoints for when it does"
-            )
+    for key, value, allowed in (("kv_cache", p.kv_cache, KV_DTYPES), ("conv_state", p.conv_state, STATE_DTYPES),
+                                ("ssm_state", p.ssm_state, STATE_DTYPES)):
+        if value not in allowed:
+            raise ConfigError(f"{bc.name}: precision.{key}: expected one of {', '.join(allowed)} (what the ONNX "
+                              f"exporter's cache pools take, trtfalcon/export/onnx.py), found {value}")
 
 
 def _compile_kernels(bc: BuildConfig, cfg: FalconH1Config, target: Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ The graph computes exactly trtfalcon/model/layers.py (FalconH1Model.forward), no
         y   = trtfalcon::ssd(x, dt, A, B, C, D, dt_bias, ssm_state.i, ...)                    -> ssm_state_out.i
         m   = linear(trtfalcon::gated_rms_norm(y, z, norm.weight), out_proj)
         q, k, v = rope(Split(linear(n, qkv_proj)))
-        a   = linear(trtfalcon::paged_attention(q, k, v, kv_cache.i, ...), o_proj)             -> kv_cache_out.i
+        a   = linear(trtfalcon::paged_attention(q, k, v, kv_cache.i, ..., k_scale, v_scale), o_proj) -> kv_cache_out.i
         h = h + m + a ;  h = h + down_proj(up * silu(gate)), [gate | up] = linear(rms_norm(h), gate_up_proj)
     logits = Cast<float>(Gemm(rms_norm(h[cu_seqlens[1:] - 1]), lm_head))
 
@@ -57,7 +57,7 @@ from trtfalcon.config import FalconH1Config
 from trtfalcon.errors import CheckpointError, ConfigError, MissingDependencyError
 from trtfalcon.export.source import DeploySource, open_deploy_checkpoint
 from trtfalcon.plugins.spec import (
-    CAUSAL_CONV1D, DOMAIN, GATED_RMS_NORM, OP_VERSION, PAGED_ATTENTION, SSD, OpSpec, dtype_name,
+    CAUSAL_CONV1D, DOMAIN, DTYPES, GATED_RMS_NORM, OP_VERSION, PAGED_ATTENTION, SSD, OpSpec, dtype_name,
 )
 from trtfalcon.runtime.contract import STEP_INPUTS, STEP_OUTPUTS, cache_names, cache_output_name
 
@@ -77,6 +77,8 @@ MODEL_FILE, DATA_FILE, MANIFEST_FILE = "model.onnx", "model.onnx.data", "export.
 EXPORT_FILES = (MODEL_FILE, DATA_FILE, "config.json", MANIFEST_FILE)
 MANIFEST_VERSION = 1
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The KV pools may also be FP8 (E4M3): the attention nodes then take the checkpoint's k_scale / v_scale.
+KV_DTYPES = {**STATE_DTYPES, "fp8": torch.float8_e4m3fn}
 
 Progress = Callable[[str, int, int], None]  # (tensor name, bytes written so far, total bytes)
 
@@ -103,6 +105,8 @@ def export_onnx(
         CPU provider has no bfloat16 GEMM, so the onnxruntime executor needs an fp32 export.
     kv_dtype / conv_dtype / ssm_dtype: dtypes of the cache pools the graph takes (default: the compute dtype for
         KV and conv state, fp32 for the SSM state, as contract.CacheSpec and the torch executor default).
+        kv_dtype "fp8": float8e4m3fn KV pools (graph I/O), each attention node fed its layer's k_scale / v_scale
+        initializers; the checkpoint must carry them (`trtfalcon quantize --kv-cache-dtype fp8`, then convert).
     The graph is fully dynamic (num_tokens, num_seqs, max_blocks, num_blocks, block_size, num_slots are symbolic):
     maximum sizes belong to the TensorRT build's optimization profiles, not to the graph.
 
@@ -118,10 +122,17 @@ def export_onnx(
         raise CheckpointError(f"{out_dir}: the output directory must differ from the input checkpoint")
     compute = torch_dtype(dtype or src.stored_dtype)
     pools = {
-        "kv_cache": _state_dtype(kv_dtype, compute, "kv_dtype"),
+        "kv_cache": _state_dtype(kv_dtype, compute, "kv_dtype", KV_DTYPES),
         "conv_state": _state_dtype(conv_dtype, compute, "conv_dtype"),
         "ssm_state": _state_dtype(ssm_dtype, compute, "ssm_dtype"),
     }
+    if pools["kv_cache"] == torch.float8_e4m3fn and not src.has_kv_scales:
+        raise CheckpointError(
+            f"{src.directory}: kv_dtype fp8 needs tensor 'layers.0.attn.k_scale' (and every layer's k_scale / "
+            "v_scale: cache = fp8(k / k_scale)), found none: config.json's trtfalcon.quantization.kv_cache_quant_algo "
+            "is not 'FP8'; quantize with `trtfalcon quantize --kv-cache-dtype fp8` and convert, or export a "
+            "bf16/fp32 KV cache"
+        )
     t0 = time.perf_counter()
     emitter = FalconH1Graph(src, compute, pools)
     emitter.build()
@@ -171,12 +182,13 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _state_dtype(name: str | None, default: torch.dtype, what: str) -> torch.dtype:
+def _state_dtype(name: str | None, default: torch.dtype, what: str,
+                 choices: dict[str, torch.dtype] = STATE_DTYPES) -> torch.dtype:
     if name is None:
         return default
-    if name not in STATE_DTYPES:
-        raise ConfigError(f"{what}: expected one of {', '.join(STATE_DTYPES)}, found {name!r}")
-    return STATE_DTYPES[name]
+    if name not in choices:
+        raise ConfigError(f"{what}: expected one of {', '.join(choices)}, found {name!r}")
+    return choices[name]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -296,13 +308,16 @@ class FalconH1Graph:
         self.plugin_counts[op_type] = self.plugin_counts.get(op_type, 0) + 1
         return {o.name: n for o, n in zip(op.outputs, names)}
 
-    def fill(self, op: OpSpec, arg: str, n: int) -> str:
+    def fill(self, op: OpSpec, arg: str, n: int | None) -> str:
         """An absent optional plugin input as the spec's `fill` constant (one shared by every layer): graph formats
-        pass a tensor that makes the op behave as if the input were absent (plugins/spec.py TensorArg.fill)."""
-        value = next(a.fill for a in op.inputs if a.name == arg)
-        if value is None:
+        pass a tensor that makes the op behave as if the input were absent (plugins/spec.py TensorArg.fill).
+        n: its length (None: a scalar); dtype: the one the spec allows, else the graph's."""
+        spec = next(a for a in op.inputs if a.name == arg)
+        if spec.fill is None:
             raise ValueError(f"internal: {op.name}.{arg} has no fill value in plugins/spec.py")
-        return self.g.const(torch.full((n,), value, dtype=self.dtype), f"/model/constants/{op.name}_{arg}_fill")
+        dtype = DTYPES[spec.dtypes[0]][0] if len(spec.dtypes) == 1 else self.dtype
+        shape = () if n is None else (n,)
+        return self.g.const(torch.full(shape, spec.fill, dtype=dtype), f"/model/constants/{op.name}_{arg}_fill")
 
     # ---- the model ----
     def build(self) -> None:
@@ -396,10 +411,14 @@ class FalconH1Graph:
         k = self.make_rope(self.make_reshape(k, [-1, cfg.num_key_value_heads, cfg.head_dim], f"{scope}/k"), cos, sin,
                            f"{scope}/k_rope")
         v = self.make_reshape(v, [-1, cfg.num_key_value_heads, cfg.head_dim], f"{scope}/v")
+        if self.pool_dtypes["kv_cache"] == torch.float8_e4m3fn:  # as layers.kv_cache_scales: only an FP8 pool
+            k_scale, v_scale = (self.weight(f"{p}.{kind}_scale", torch.float32) for kind in ("k", "v"))
+        else:
+            k_scale, v_scale = (self.fill(PAGED_ATTENTION, name, None) for name in ("k_scale", "v_scale"))
         attn = self.make_plugin(
             PAGED_ATTENTION,
             dict(q=q, k=k, v=v, kv_cache=f"kv_cache.{i}", block_tables="block_tables", cu_seqlens="cu_seqlens",
-                 context_lens="context_lens"),
+                 context_lens="context_lens", k_scale=k_scale, v_scale=v_scale),
             dict(scale=cfg.head_dim**-0.5), f"{scope}/paged_attention",
             {"out": (None, self.dtype, ["num_tokens", cfg.num_attention_heads, cfg.head_dim]),
              "kv_cache_out": (cache_output_name(f"kv_cache.{i}"), self.pool_dtypes["kv_cache"],
@@ -437,7 +456,8 @@ class FalconH1Graph:
 
     def manifest(self, opset: int) -> dict[str, Any]:
         ins, outs = self.io_spec()
-        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "int32"}
+        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "int32",
+                 torch.float8_e4m3fn: "fp8"}
 
         def table(d: dict[str, tuple[torch.dtype, list]]) -> dict[str, Any]:
             return {n: {"dtype": names[dt], "shape": shape} for n, (dt, shape) in d.items()}

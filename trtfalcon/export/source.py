@@ -2,11 +2,13 @@
 
 Everything that can be wrong with the input is found here, before a byte is written: not a deploy checkpoint,
 wrong format version, a missing / misshapen / extra tensor, an FP8 linear without its scales, an FP8 tensor
-where FP8 is not allowed (conv1d, lm_head, norms, embeddings), an FP8 KV cache the attention plugin cannot hold.
+where FP8 is not allowed (conv1d, lm_head, norms, embeddings), FP8 KV-cache scales that are missing or misshapen.
 
 FP8 follows trtfalcon/quantize/fp8_format.py, the one definition of the format: config.json's
 "trtfalcon.quantization" says which linears are FP8 (QUANTIZED_LINEARS of every layer minus exclude_modules), and
 each FP8 linear X has X.weight (float8_e4m3fn, rows x cols), X.weight_scale (fp32, (rows,)), X.input_scale (fp32, ()).
+"kv_cache_quant_algo": "FP8" adds layers.{i}.attn.k_scale / v_scale (fp32, ()), which an FP8 KV export feeds to the
+paged-attention nodes.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ class DeploySource:
     @property
     def is_fp8(self) -> bool:
         return bool(self.fp8_linears)
+
+    @property
+    def has_kv_scales(self) -> bool:
+        """Every layer's attn.k_scale / v_scale is present (validated): an FP8 KV cache can be exported."""
+        return (self.raw_config["trtfalcon"].get("quantization") or {}).get("kv_cache_quant_algo") == "FP8"
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.reader.info(name).shape
@@ -82,12 +89,6 @@ def open_deploy_checkpoint(directory: str | Path) -> DeploySource:
     stored = str(meta.get("dtype", "bf16"))
     torch_dtype(stored)  # validates the name
     quant = meta.get("quantization") or {}
-    if quant.get("kv_cache_quant_algo"):
-        raise CheckpointError(
-            f"{cfg_path}: trtfalcon.quantization.kv_cache_quant_algo is {quant['kv_cache_quant_algo']!r}; the "
-            "paged_attention plugin keeps its KV cache in float32/bfloat16/float16 only (plugins/spec.py), so an "
-            "FP8 KV cache cannot be exported yet: quantize without --kv-cache-dtype fp8"
-        )
     reader = SafetensorsReader(directory)
     reader.check_index()
     expected = deploy_tensor_shapes(cfg)
@@ -99,6 +100,12 @@ def open_deploy_checkpoint(directory: str | Path) -> DeploySource:
     # FP8: which tensors the config's quantization record adds or retypes (one list, quantize/fp8_format.py)
     quant_specs = fp8_tensor_specs(expected, cfg.num_hidden_layers, quant or None, str(cfg_path))
     for name, (shape, dtype) in quant_specs.items():
+        if name not in reader and name.endswith(("attn.k_scale", "attn.v_scale")):
+            raise CheckpointError(
+                f"{directory}: no tensor '{name}' (expected {dtype} of shape {list(shape)}; config.json declares an "
+                "FP8 KV cache, kv_cache_quant_algo 'FP8', which needs every layer's k_scale and v_scale); the "
+                "checkpoint is incomplete: re-run `trtfalcon quantize --kv-cache-dtype fp8` / `trtfalcon convert`"
+            )
         if name not in reader:
             linear = name.rsplit(".", 1)[0]
             raise CheckpointError(

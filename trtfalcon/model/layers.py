@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from trtfalcon.config import FalconH1Config
+from trtfalcon.errors import CheckpointError
 from trtfalcon.model.weights import DeployWeights
 from trtfalcon.plugins.ops import Ops, get_ops
-from trtfalcon.quantize.fp8_format import fake_quant_fp8
+from trtfalcon.quantize.fp8_format import FP8_DTYPE, KV_SCALES, fake_quant_fp8
 from trtfalcon.runtime.contract import StepBatch
 
 
@@ -85,6 +86,21 @@ def split_xbc(xbc: torch.Tensor, cfg: FalconH1Config) -> tuple[torch.Tensor, tor
     )
 
 
+def kv_cache_scales(w: DeployWeights, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer i's FP8 KV-cache scales (fp8_format.py: cache = fp8(k / k_scale)). Only an FP8 pool uses them: a
+    bf16/fp32 pool ignores scales a checkpoint may carry, so it computes what it did before FP8 KV existed."""
+    scales = []
+    for leaf in KV_SCALES:
+        name = f"layers.{i}.{leaf}"
+        t = w.get(name)
+        if t is None:
+            raise CheckpointError(f"an FP8 KV cache needs tensor '{name}' (fp32 scalar, calibrated by `trtfalcon "
+                                  "quantize --kv-cache-dtype fp8`); the checkpoint has none: use a bf16/fp32 KV cache "
+                                  "or re-quantize with --kv-cache-dtype fp8")
+        scales.append(t.float())
+    return scales[0], scales[1]
+
+
 class FalconH1Model:
     """The ragged-batch model: `forward(batch, pools)` runs one step of the engine I/O contract."""
 
@@ -138,8 +154,10 @@ class FalconH1Model:
         cfg, w, p = self.cfg, self.w, f"layers.{i}"
         q, k, v = split_qkv(linear(n, w, f"{p}.attn.qkv_proj"), cfg)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kv_cache = pools[f"kv_cache.{i}"]
+        k_scale, v_scale = kv_cache_scales(w, i) if kv_cache.dtype == FP8_DTYPE else (None, None)
         o = self.ops.paged_attention(
-            q, k, v, pools[f"kv_cache.{i}"], batch.block_tables, batch.cu_seqlens, batch.context_lens,
-            cfg.head_dim**-0.5,
+            q, k, v, kv_cache, batch.block_tables, batch.cu_seqlens, batch.context_lens,
+            cfg.head_dim**-0.5, k_scale, v_scale,
         )
         return linear(o.reshape(o.shape[0], cfg.q_size), w, f"{p}.attn.o_proj")

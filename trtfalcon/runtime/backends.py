@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from trtfalcon.config import FalconH1Config
+from trtfalcon.errors import ConfigError
 from trtfalcon.runtime.executors.base import Executor
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -27,7 +28,7 @@ class RuntimeOptions:
     max_seq_len: int | None = None  # default: the model's max_position_embeddings, capped at 4096 on CPU
     block_size: int = 16
     num_blocks: int | None = None  # default: every sequence at full length (no preemption)
-    kv_dtype: str | None = None  # default: the weights' dtype
+    kv_dtype: str | None = None  # None / "auto": the weights' dtype (torch) or the export's; "fp8": FP8 KV cache
     ssm_dtype: str = "fp32"
     device: str = "cpu"
     kernels: str = "auto"
@@ -37,6 +38,13 @@ class RuntimeOptions:
     def resolved_max_seq_len(self, cfg: FalconH1Config) -> int:
         cap = cfg.max_position_embeddings if self.device != "cpu" else min(cfg.max_position_embeddings, 4096)
         return self.max_seq_len or cap
+
+
+def _check_fixed_kv_dtype(opts: RuntimeOptions, graph_kv: str, what: str, how: str) -> None:
+    """An ONNX export or an engine fixes its KV pools' dtype: --kv-cache-dtype may only confirm it."""
+    if opts.kv_dtype not in (None, "auto") and opts.kv_dtype != graph_kv:
+        raise ConfigError(f"--kv-cache-dtype {opts.kv_dtype}: {what} takes {graph_kv} KV cache pools, fixed when it "
+                          f"was made; pass --kv-cache-dtype auto, or {how}")
 
 
 def create_executor(backend: str, checkpoint: str | Path, opts: RuntimeOptions) -> tuple[Executor, FalconH1Config]:
@@ -62,7 +70,9 @@ def create_executor(backend: str, checkpoint: str | Path, opts: RuntimeOptions) 
         from trtfalcon.export.onnx import load_export_config, read_manifest
         from trtfalcon.runtime.executors.onnxruntime import OnnxRuntimeExecutor
 
-        read_manifest(checkpoint)  # a clear error when CHECKPOINT is not an export directory
+        manifest = read_manifest(checkpoint)  # a clear error when CHECKPOINT is not an export directory
+        _check_fixed_kv_dtype(opts, manifest["cache_dtypes"]["kv_cache"], f"{checkpoint} (an ONNX export)",
+                              "export the deploy checkpoint with `trtfalcon export ... --kv-cache-dtype fp8`")
         cfg = load_export_config(checkpoint)
         max_seq_len = opts.resolved_max_seq_len(cfg)
         num_blocks = opts.num_blocks or opts.max_batch_size * math.ceil(max_seq_len / opts.block_size)
@@ -75,6 +85,8 @@ def create_executor(backend: str, checkpoint: str | Path, opts: RuntimeOptions) 
         from trtfalcon.runtime.executors.tensorrt import TensorRTExecutor, default_num_blocks, read_engine_manifest
 
         _, manifest, cfg = read_engine_manifest(checkpoint)
+        _check_fixed_kv_dtype(opts, manifest["cache_dtypes"]["kv_cache"], f"{checkpoint} (an engine)",
+                              "build with a config whose precision.kv_cache is fp8")
         rt = manifest["runtime"]
         max_seq_len = min(opts.max_seq_len or rt["max_seq_len"], rt["max_seq_len"])
         batch = min(opts.max_batch_size, rt["max_batch_size"])

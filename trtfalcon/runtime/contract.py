@@ -14,7 +14,8 @@ Cache pools, one tensor per layer and kind (names `kv_cache.{i}`, `conv_state.{i
     kv_cache.{i}:   (2, num_blocks, block_size, num_kv_heads, head_dim)   [0] keys, [1] values
     conv_state.{i}: (num_slots, conv_dim, d_conv - 1)
     ssm_state.{i}:  (num_slots, mamba_n_heads, mamba_d_head, mamba_d_state)
-They are updated in place by the step (aliased inputs/outputs in the graph).
+They are updated in place by the step (aliased inputs/outputs in the graph). The KV pools may be float8_e4m3fn
+(an FP8 KV cache: rows hold fp8(k / k_scale), the layer's scales come from the checkpoint, not the contract).
 
 A sequence with context_lens[b] == 0 starts fresh: its conv and SSM states are zeros whatever its slot held
 before, so a reused slot never leaks another request's state and needs no separate reset.

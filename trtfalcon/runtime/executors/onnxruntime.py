@@ -38,6 +38,7 @@ from trtfalcon.runtime.contract import CacheSpec, StepBatch, cache_names, cache_
 from trtfalcon.runtime.executors.base import TorchPools
 
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+KV_DTYPES = {**STATE_DTYPES, "fp8": torch.float8_e4m3fn}  # an FP8 KV export: float8 pools, scales in the graph
 
 
 def _import_ort():
@@ -256,7 +257,7 @@ class OnnxRuntimeExecutor(TorchPools):
         cache = manifest["cache_dtypes"]
         self.cache_spec = CacheSpec.for_model(
             cfg, num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
-            kv_dtype=STATE_DTYPES[cache["kv_cache"]], conv_dtype=STATE_DTYPES[cache["conv_state"]],
+            kv_dtype=KV_DTYPES[cache["kv_cache"]], conv_dtype=STATE_DTYPES[cache["conv_state"]],
             ssm_dtype=STATE_DTYPES[cache["ssm_state"]],
         )
         self.vocab_size = cfg.vocab_size

@@ -27,7 +27,7 @@ from trtfalcon.errors import CheckpointError, ConfigError, MissingDependencyErro
 from trtfalcon.runtime.contract import STEP_INPUTS, STEP_OUTPUTS, CacheSpec, StepBatch, cache_names, cache_output_name
 from trtfalcon.runtime.executors.base import TorchPools
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 
 
 def engine_dir_of(path: str | Path) -> Path:

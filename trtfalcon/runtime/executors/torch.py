@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from trtfalcon.errors import MissingDependencyError
+from trtfalcon.errors import CheckpointError, MissingDependencyError
 from trtfalcon.model.layers import FalconH1Model
 from trtfalcon.model.weights import DeployWeights
 from trtfalcon.plugins.ops import get_ops
@@ -17,6 +17,24 @@ from trtfalcon.runtime.contract import CacheSpec, StepBatch
 from trtfalcon.runtime.executors.base import TorchPools
 
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The KV pool may also be FP8 (E4M3 with per-layer k/v scales from the checkpoint); the Mamba states may not.
+KV_DTYPES = {**STATE_DTYPES, "fp8": torch.float8_e4m3fn}
+
+
+def check_fp8_kv_scales(weights: DeployWeights, source: str = "the checkpoint") -> None:
+    """An FP8 KV pool needs every layer's k_scale and v_scale: refuse up front, naming the first missing tensor,
+    rather than fail inside the first step (or silently run with scale 1, which saturates real activations)."""
+    from trtfalcon.quantize.fp8_format import KV_SCALES
+
+    for i in range(weights.config.num_hidden_layers):
+        for leaf in KV_SCALES:
+            name = f"layers.{i}.{leaf}"
+            if weights.get(name) is None:
+                raise CheckpointError(
+                    f"--kv-cache-dtype fp8: {source} has no tensor '{name}' (an fp32 scalar; cache = "
+                    "fp8(k / k_scale)); FP8 KV needs scales calibrated by `trtfalcon quantize --kv-cache-dtype fp8` (then convert), "
+                    "or run with --kv-cache-dtype auto"
+                )
 
 
 def resolve_kernels(kernels: str, device: torch.device) -> str:
@@ -52,9 +70,14 @@ class TorchExecutor(TorchPools):
         self.device = torch.device(device)
         self.kernels = resolve_kernels(kernels, self.device)
         model_dtype = {v: k for k, v in STATE_DTYPES.items()}[weights.dtype]
+        kv_dtype = None if kv_dtype in (None, "auto") else kv_dtype
+        if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype: expected auto or one of {', '.join(KV_DTYPES)}, found {kv_dtype!r}")
+        if kv_dtype == "fp8":
+            check_fp8_kv_scales(weights)
         self.cache_spec = CacheSpec.for_model(
             weights.config, num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
-            kv_dtype=STATE_DTYPES[kv_dtype or model_dtype], conv_dtype=STATE_DTYPES[conv_dtype or model_dtype],
+            kv_dtype=KV_DTYPES[kv_dtype or model_dtype], conv_dtype=STATE_DTYPES[conv_dtype or model_dtype],
             ssm_dtype=STATE_DTYPES[ssm_dtype],
         )
         self.model = FalconH1Model(weights.to(self.device), get_ops(self.kernels))
