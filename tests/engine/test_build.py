@@ -4,6 +4,7 @@ and a GPU exist, the engine itself."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from trtfalcon.checkpoint.synth import synth_checkpoint
 from trtfalcon.cli import main
+from trtfalcon.config import preset_dict
 from trtfalcon.engine.build import run_build
 from trtfalcon.errors import CheckpointError, ConfigError, MissingDependencyError
 from engine_helpers import tensorrt_available
@@ -43,7 +46,9 @@ def test_build_on_cpu_writes_every_stage_then_names_what_is_missing(tiny_hf, tmp
     if tensorrt_available() is None:
         pytest.skip("TensorRT and a GPU are here: test_engine_builds_and_generates covers the full build")
     out = tmp_path / "build"
-    r = _cli("build", "--config", TINY, "--checkpoint", tiny_hf, "--out", out)
+    src = tmp_path / "hf"
+    shutil.copytree(tiny_hf, src)
+    r = _cli("build", "--config", TINY, "--checkpoint", src, "--out", out)
     assert r.returncode == 1, r.stdout + r.stderr
     err = r.stderr
     assert "Traceback" not in err
@@ -61,8 +66,13 @@ def test_build_on_cpu_writes_every_stage_then_names_what_is_missing(tiny_hf, tmp
     assert kernels["archs"] == ["sm_90"] and kernels["kernels"]
     assert not (out / "engine").exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
     # the same command again reuses every finished stage and stops at the same place
-    r2 = _cli("build", "--config", TINY, "--checkpoint", tiny_hf, "--out", out)
+    r2 = _cli("build", "--config", TINY, "--checkpoint", src, "--out", out)
     assert r2.returncode == 1 and "quantize: reusing" in r2.stderr and "kernels: reusing" in r2.stderr
+    # new weights at the same path are a different build: refused without --overwrite, never silently reused
+    synth_checkpoint(preset_dict("tiny"), src, dtype="fp32", seed=7, overwrite=True)
+    r3 = _cli("build", "--config", TINY, "--checkpoint", src, "--out", out)
+    assert r3.returncode == 1 and "built from a different config or checkpoint" in r3.stderr
+    assert "reusing" not in r3.stderr
     # the TensorRT backend on this directory says the engine is missing and why
     from trtfalcon.runtime.executors.tensorrt import engine_dir_of
 

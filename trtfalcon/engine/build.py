@@ -184,8 +184,25 @@ class BuildResult:
 
 
 def _fingerprint(bc: BuildConfig, checkpoint: Path) -> str:
-    blob = json.dumps({"config": bc.model_dump(), "checkpoint": str(checkpoint.resolve()), "trtfalcon": __version__},
-                      sort_keys=True)
+    """What decides whether a finished stage can be reused: the build config and the checkpoint's CONTENT, not its
+    path (a rewritten checkpoint at the same path must rebuild; the same checkpoint copied to a GPU host, with its
+    modification times kept, may reuse). Content = config.json + per weight file its name, size, mtime and the
+    hash of its safetensors header (names, shapes, dtypes, offsets); hashing all the weights would cost ~15 s/7B."""
+    files = []
+    for f in sorted(checkpoint.iterdir()):
+        if f.suffix == ".safetensors" or f.name in ("config.json", "model.safetensors.index.json",
+                                                     "hf_quant_config.json"):
+            st = f.stat()
+            entry = {"name": f.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            if f.suffix == ".safetensors":
+                with open(f, "rb") as fh:
+                    head = fh.read(8)
+                    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+                    entry["header"] = hashlib.sha256(head + fh.read(min(n, 100 * 2**20))).hexdigest()
+            else:
+                entry["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
+            files.append(entry)
+    blob = json.dumps({"config": bc.model_dump(), "checkpoint": files, "trtfalcon": __version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
