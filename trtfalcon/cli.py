@@ -342,15 +342,24 @@ def generate(checkpoint: Path, prompt_ids: str | None, prompts_file: Path | None
     opts = _runtime_opts(kw)
     prompts = load_prompts(prompt_ids, prompts_file, max_new_tokens)
     if backend == "reference":
+        # the oracle is plain greedy / temperature sampling over dense caches: refuse what it would silently drop
+        unused = [flag for flag, used in (("--top-k", top_k != 0), ("--top-p", top_p != 1.0),
+                                          ("--logprobs", logprobs != 0), ("--kv-cache-dtype", opts.kv_dtype
+                                                                            not in (None, "auto")))
+                  if used]
+        if unused:
+            raise click.UsageError(f"{', '.join(unused)}: not supported by --backend reference (greedy or "
+                                   "temperature sampling only); use --backend torch")
         results = _generate_reference(checkpoint, prompts, opts, temperature, seed, ignore_eos)
     else:
-        from trtfalcon.runtime.backends import create_executor
+        from trtfalcon.runtime.backends import create_executor, runtime_limits
         from trtfalcon.runtime.llm import LLMEngine
         from trtfalcon.runtime.request import Request, SamplingParams
 
         executor, cfg = create_executor(backend, checkpoint, opts)
-        engine = LLMEngine(executor, max_batch_size=opts.max_batch_size, max_num_tokens=opts.max_num_tokens,
-                           max_seq_len=opts.resolved_max_seq_len(cfg), eos_token_ids=cfg.eos_token_id, seed=seed)
+        lim = runtime_limits(executor, opts, cfg)
+        engine = LLMEngine(executor, max_batch_size=lim.max_batch_size, max_num_tokens=lim.max_num_tokens,
+                           max_seq_len=lim.max_seq_len, eos_token_ids=cfg.eos_token_id, seed=seed)
         requests = [
             Request(str(i), p.prompt_ids, SamplingParams(
                 max_new_tokens=p.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + i,
@@ -447,7 +456,7 @@ def bench(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev:
     from trtfalcon.bench.dataset import load_jsonl, token_norm_dist
     from trtfalcon.bench.report import plot, print_table, write_report
     from trtfalcon.bench.throughput import run_concurrency
-    from trtfalcon.runtime.backends import create_executor
+    from trtfalcon.runtime.backends import create_executor, runtime_limits
 
     concurrencies = concurrencies or (32, 64)
     kw["max_batch_size"] = max(max(concurrencies), kw["max_batch_size"])
@@ -455,7 +464,13 @@ def bench(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev:
     opts = _runtime_opts(kw)
     console = Console(stderr=True)
     executor, cfg = create_executor(backend, checkpoint, opts)
-    max_seq_len = opts.resolved_max_seq_len(cfg)
+    lim = runtime_limits(executor, opts, cfg)
+    too_many = [c for c in concurrencies if c > lim.max_batch_size]
+    if too_many:  # reporting a level the executor cannot run as if it had run would mislabel the numbers
+        raise click.UsageError(f"--concurrency {too_many[0]}: this {backend} executor runs at most "
+                               f"{lim.max_batch_size} sequences per step (its engine profile or state slots)")
+    max_seq_len = lim.max_seq_len
+    device = str(getattr(executor, "device", opts.device))
     results = []
     with Progress(console=console, transient=True, disable=not sys.stderr.isatty()) as progress:
         for c in concurrencies:
@@ -469,21 +484,26 @@ def bench(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev:
             warm = token_norm_dist(w, isl, osl, vocab_size=cfg.vocab_size, seed=seed + 1,
                                    max_seq_len=max_seq_len) if w and not dataset else requests[:w]
             task = progress.add_task(f"concurrency {c}", total=len(requests))
-            r = run_concurrency(executor, warm + requests, concurrency=c, max_num_tokens=opts.max_num_tokens,
+            r = run_concurrency(executor, warm + requests, concurrency=c, max_num_tokens=lim.max_num_tokens,
                                 max_seq_len=max_seq_len, warmup=len(warm),
                                 on_finish=lambda o, t=task: progress.advance(t))
             results.append(r)
             for err in r.errors[:3]:
                 console.print(f"[red]error[/red] {err}")
-    print_table(results, opts.device, Console())
+    print_table(results, device, Console())
     meta = {"checkpoint": str(checkpoint), "backend": backend, "kernels": getattr(executor, "kernels", None),
-            "device": opts.device, "dataset": str(dataset) if dataset else
+            "device": device, "dataset": str(dataset) if dataset else
             {"type": "token-norm-dist", "isl": isl, "osl": osl, "isl_stdev": isl_stdev, "osl_stdev": osl_stdev,
-             "seed": seed}, "max_num_tokens": opts.max_num_tokens, "max_seq_len": max_seq_len,
-            "block_size": opts.block_size, "num_blocks": executor.cache_spec.num_blocks, "model": cfg.summary()}
+             "seed": seed}, "max_num_tokens": lim.max_num_tokens, "max_seq_len": max_seq_len,
+            "block_size": executor.cache_spec.block_size, "num_blocks": executor.cache_spec.num_blocks,
+            "model": cfg.summary()}
     write_report(out_dir / "report.json", results, meta)
-    plot(out_dir / "throughput.png", results, f"{backend} on {opts.device}: isl {isl} -> osl {osl}")
+    workload = dataset.name if dataset else f"isl {isl} -> osl {osl}"
+    plot(out_dir / "throughput.png", results, f"{backend} on {device}: {workload}")
     click.echo(f"report: {out_dir / 'report.json'}   plot: {out_dir / 'throughput.png'}")
+    failed = sum(len(r.errors) for r in results)
+    if failed:  # the figures above count only the requests that completed
+        raise click.ClickException(f"{failed} request(s) failed; the report counts only the completed ones")
 
 
 # ------------------------------------------------------------------------------------------------------ build

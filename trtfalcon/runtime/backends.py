@@ -40,6 +40,70 @@ class RuntimeOptions:
         return self.max_seq_len or cap
 
 
+@dataclass(frozen=True)
+class RuntimeLimits:
+    """What the engine's scheduler may ask of an executor: the options, capped by what the executor can run (a
+    TensorRT engine's optimization profile, its pools). generate, bench and serve all take their limits here."""
+
+    max_batch_size: int
+    max_num_tokens: int
+    max_seq_len: int
+
+
+def runtime_limits(executor: Executor, opts: RuntimeOptions, cfg: FalconH1Config) -> RuntimeLimits:
+    inf = float("inf")
+    batch = int(min(opts.max_batch_size, executor.cache_spec.num_slots, getattr(executor, "max_batch_size", inf)))
+    tokens = int(min(opts.max_num_tokens, getattr(executor, "max_num_tokens", inf)))
+    batch = min(batch, tokens)  # every live sequence needs at least its decode token in a step
+    engine_seq = getattr(executor, "max_seq_len", None)
+    seq_len = min(opts.max_seq_len or engine_seq, engine_seq) if engine_seq else opts.resolved_max_seq_len(cfg)
+    return RuntimeLimits(batch, max(tokens, batch), int(seq_len))
+
+
+def _reject_ignored(backend: str, opts: RuntimeOptions, *names: str) -> None:
+    """An option this backend cannot honour is an error, not silently dropped (its value is fixed elsewhere)."""
+    defaults = RuntimeOptions()
+    flags = {"device": "--device", "dtype": "--dtype", "ssm_dtype": "--ssm-state-dtype", "block_size": "--block-size",
+             "kernels": "--kernels"}
+    changed = [flags[n] for n in names if getattr(opts, n) != getattr(defaults, n)]
+    if changed:
+        why = {"onnxruntime": "an ONNX export runs on the CPU with the dtypes it was exported with",
+               "tensorrt": "an engine fixes its dtypes, KV block size and kernels when it is built"}[backend]
+        raise ConfigError(f"{', '.join(changed)}: not used by the {backend} backend ({why}); leave "
+                          f"{'it' if len(changed) == 1 else 'them'} at the default")
+
+
+def _default_num_blocks(opts: RuntimeOptions, max_seq_len: int, block_bytes: int, state_bytes: int,
+                        available: int | None, where: str) -> int:
+    """Blocks for every sequence at full length (no preemption), but no more than fits in 90% of `available`
+    memory after the Mamba state pools; at least one full-length sequence must fit, or the error says what does."""
+    full = opts.max_batch_size * math.ceil(max_seq_len / opts.block_size)
+    if available is None:
+        return full
+    budget = int(0.9 * available) - state_bytes
+    fit = budget // block_bytes
+    one_seq = math.ceil(max_seq_len / opts.block_size)
+    if fit < one_seq:
+        raise ConfigError(
+            f"--max-seq-len {max_seq_len}: one sequence needs {one_seq} KV blocks ({one_seq * block_bytes / 2**30:.2f} "
+            f"GiB) but {where} has {max(0, budget) / 2**30:.2f} GiB left after the weights and the Mamba state of "
+            f"{opts.max_batch_size} slots; lower --max-seq-len / --max-batch-size or use an FP8 KV cache"
+        )
+    return min(full, fit)
+
+
+def _available_memory(device: str) -> int | None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free
+    try:  # Linux: physical pages the kernel can hand out now
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _check_fixed_kv_dtype(opts: RuntimeOptions, graph_kv: str, what: str, how: str) -> None:
     """An ONNX export or an engine fixes its KV pools' dtype: --kv-cache-dtype may only confirm it."""
     if opts.kv_dtype not in (None, "auto") and opts.kv_dtype != graph_kv:
@@ -59,7 +123,17 @@ def create_executor(backend: str, checkpoint: str | Path, opts: RuntimeOptions) 
             if threads:
                 torch.set_num_threads(threads)
         max_seq_len = opts.resolved_max_seq_len(cfg)
-        num_blocks = opts.num_blocks or opts.max_batch_size * math.ceil(max_seq_len / opts.block_size)
+        num_blocks = opts.num_blocks
+        if num_blocks is None:  # size the pool from what the device has left once the weights are on it
+            probe = TorchExecutor.cache_spec_for(weights, num_blocks=1, block_size=opts.block_size,
+                                                 num_slots=opts.max_batch_size, kv_dtype=opts.kv_dtype,
+                                                 ssm_dtype=opts.ssm_dtype)
+            kv_bytes, state_bytes = probe.bytes_per_block(), probe.bytes() - probe.bytes_per_block()
+            weight_bytes = 0 if opts.device == "cpu" else sum(t.numel() * t.element_size()
+                                                               for t in weights.tensors.values())
+            available = _available_memory(opts.device)
+            num_blocks = _default_num_blocks(opts, max_seq_len, kv_bytes, state_bytes,
+                                             None if available is None else available - weight_bytes, opts.device)
         executor = TorchExecutor(
             weights, num_blocks=num_blocks, block_size=opts.block_size, num_slots=opts.max_batch_size,
             device=opts.device, kernels=opts.kernels, kv_dtype=opts.kv_dtype, ssm_dtype=opts.ssm_dtype,
@@ -70,6 +144,7 @@ def create_executor(backend: str, checkpoint: str | Path, opts: RuntimeOptions) 
         from trtfalcon.export.onnx import load_export_config, read_manifest
         from trtfalcon.runtime.executors.onnxruntime import OnnxRuntimeExecutor
 
+        _reject_ignored("onnxruntime", opts, "device", "dtype", "ssm_dtype")
         manifest = read_manifest(checkpoint)  # a clear error when CHECKPOINT is not an export directory
         _check_fixed_kv_dtype(opts, manifest["cache_dtypes"]["kv_cache"], f"{checkpoint} (an ONNX export)",
                               "export the deploy checkpoint with `trtfalcon export ... --kv-cache-dtype fp8`")
@@ -84,6 +159,7 @@ def create_executor(backend: str, checkpoint: str | Path, opts: RuntimeOptions) 
         # `checkpoint` is a `trtfalcon build` directory (or its engine/): sizes come from the engine's profile
         from trtfalcon.runtime.executors.tensorrt import TensorRTExecutor, default_num_blocks, read_engine_manifest
 
+        _reject_ignored("tensorrt", opts, "dtype", "ssm_dtype", "block_size", "kernels")
         _, manifest, cfg = read_engine_manifest(checkpoint)
         _check_fixed_kv_dtype(opts, manifest["cache_dtypes"]["kv_cache"], f"{checkpoint} (an engine)",
                               "build with a config whose precision.kv_cache is fp8")

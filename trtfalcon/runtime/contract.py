@@ -130,6 +130,11 @@ class CacheSpec:
             pools[f"ssm_state.{i}"] = torch.zeros(self.ssm_shape(), dtype=self.ssm_dtype, device=device)
         return pools
 
+    def bytes_per_block(self) -> int:
+        """K and V of one block in every layer."""
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
+        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
+
     def bytes(self) -> int:
         def n(shape: tuple[int, ...], dt: torch.dtype) -> int:
             size = 1

@@ -64,7 +64,7 @@ class ServedModel:
 
     def __init__(self, pb: Any, settings: ServeSettings, version_dir: str | Path, device: str = "cpu",
                  name: str = "trtfalcon") -> None:
-        from trtfalcon.runtime.backends import create_executor
+        from trtfalcon.runtime.backends import create_executor, runtime_limits
         from trtfalcon.runtime.llm import LLMEngine
 
         self.pb = pb
@@ -76,11 +76,8 @@ class ServedModel:
         self.config = cfg
         # An executor built for fixed limits (a TensorRT engine's optimization profile) may serve less than the
         # options ask; the engine's scheduler and the request checks must use what it can actually run.
-        inf = float("inf")
-        max_batch_size = int(min(opts.max_batch_size, executor.cache_spec.num_slots,
-                                 getattr(executor, "max_batch_size", inf)))
-        max_num_tokens = int(max(max_batch_size, min(opts.max_num_tokens, getattr(executor, "max_num_tokens", inf))))
-        max_seq_len = int(min(opts.resolved_max_seq_len(cfg), getattr(executor, "max_seq_len", inf)))
+        lim = runtime_limits(executor, opts, cfg)
+        max_batch_size, max_num_tokens, max_seq_len = lim.max_batch_size, lim.max_num_tokens, lim.max_seq_len
         self.engine = LLMEngine(executor, max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
                                 max_seq_len=max_seq_len, eos_token_ids=cfg.eos_token_id, seed=settings.seed,
                                 stream=True, log_steps=False)

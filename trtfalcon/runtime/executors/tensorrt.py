@@ -87,8 +87,11 @@ class TensorRTExecutor(TorchPools):
             kv_dtype=_DTYPES[dt["kv_cache"]], conv_dtype=_DTYPES[dt["conv_state"]], ssm_dtype=_DTYPES[dt["ssm_state"]],
         )
         self.vocab_size = cfg.vocab_size
+        # The engine's limits, which runtime.backends.runtime_limits hands to the scheduler.
         self.max_num_tokens = rt["max_num_tokens"]
         self.max_batch_size = min(rt["max_batch_size"], num_slots)
+        self.max_seq_len = rt["max_seq_len"]
+        self.max_blocks_per_seq = prof["block_tables"]["max"][1]
         self._num_layers = cfg.num_hidden_layers
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -106,20 +109,30 @@ class TensorRTExecutor(TorchPools):
                                   "contract (runtime/contract.py); rebuild the engine")
         self.pools = self.cache_spec.allocate(self.device)
         for name, pool in self.pools.items():  # in-place updates: input and aliased output share one buffer
-            self.context.set_input_shape(name, tuple(pool.shape))
+            self._set_shape(name, tuple(pool.shape))
             self.context.set_tensor_address(name, pool.data_ptr())
             self.context.set_tensor_address(cache_output_name(name), pool.data_ptr())
+
+    def _set_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if not self.context.set_input_shape(name, shape):  # False: outside the optimization profile
+            prof = self.manifest["profile"].get(name, {})
+            raise ConfigError(f"{self.engine_dir}: input '{name}' of shape {list(shape)} is outside the engine's "
+                              f"optimization profile (min {prof.get('min')}, max {prof.get('max')})")
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         if batch.num_tokens > self.max_num_tokens or batch.num_seqs > self.max_batch_size:
             raise ConfigError(f"step of {batch.num_tokens} tokens / {batch.num_seqs} sequences exceeds the engine's "
                               f"profile ({self.max_num_tokens} / {self.max_batch_size})")
         b = batch.to(self.device)
+        if b.block_tables.shape[1] > self.max_blocks_per_seq:
+            # Columns past a sequence's own blocks are padding no kernel reads; max_seq_len <= the engine's keeps
+            # every sequence within the profile's width.
+            b.block_tables = b.block_tables[:, : self.max_blocks_per_seq]
         keep = []
         for name in STEP_INPUTS:
             t = getattr(b, name).contiguous()
             keep.append(t)
-            self.context.set_input_shape(name, tuple(t.shape))
+            self._set_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())
         logits = torch.empty(batch.num_seqs, self.vocab_size, dtype=torch.float32, device=self.device)
         self.context.set_tensor_address("logits", logits.data_ptr())

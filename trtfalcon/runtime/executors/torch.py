@@ -69,20 +69,28 @@ class TorchExecutor(TorchPools):
     ):
         self.device = torch.device(device)
         self.kernels = resolve_kernels(kernels, self.device)
+        self.cache_spec = self.cache_spec_for(weights, num_blocks=num_blocks, block_size=block_size,
+                                              num_slots=num_slots, kv_dtype=kv_dtype, ssm_dtype=ssm_dtype,
+                                              conv_dtype=conv_dtype)
+        self.model = FalconH1Model(weights.to(self.device), get_ops(self.kernels))
+        self.vocab_size = weights.config.vocab_size
+        self.pools = self.cache_spec.allocate(self.device)
+
+    @staticmethod
+    def cache_spec_for(weights: DeployWeights, *, num_blocks: int, block_size: int, num_slots: int,
+                       kv_dtype: str | None = None, ssm_dtype: str = "fp32", conv_dtype: str | None = None) -> CacheSpec:
+        """The pools this executor allocates for these weights (KV and conv state default to the weights' dtype)."""
         model_dtype = {v: k for k, v in STATE_DTYPES.items()}[weights.dtype]
         kv_dtype = None if kv_dtype in (None, "auto") else kv_dtype
         if kv_dtype is not None and kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype: expected auto or one of {', '.join(KV_DTYPES)}, found {kv_dtype!r}")
         if kv_dtype == "fp8":
             check_fp8_kv_scales(weights)
-        self.cache_spec = CacheSpec.for_model(
+        return CacheSpec.for_model(
             weights.config, num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
             kv_dtype=KV_DTYPES[kv_dtype or model_dtype], conv_dtype=STATE_DTYPES[conv_dtype or model_dtype],
             ssm_dtype=STATE_DTYPES[ssm_dtype],
         )
-        self.model = FalconH1Model(weights.to(self.device), get_ops(self.kernels))
-        self.vocab_size = weights.config.vocab_size
-        self.pools = self.cache_spec.allocate(self.device)
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         return self.model.forward(batch.to(self.device), self.pools)
