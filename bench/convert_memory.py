@@ -14,10 +14,10 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from trtfalcon.bench.process import measure
 
 NAIVE = r"""
 import sys, json, torch
@@ -49,17 +49,6 @@ for name, t in deploy.items():                    # save_file shards of ~2 GB
 if shard:
     save_file(shard, out / f'model-{n:05d}.safetensors')
 """
-
-
-def measure(label: str, cmd: list[str]) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    code = os.waitstatus_to_exitcode(status)
-    return {"cmd": label, "exit_code": code, "wall_s": round(wall, 1),
-            "peak_rss_bytes": usage.ru_maxrss * 1024, "stderr_tail": err[-400:] if code else ""}
 
 
 def dir_bytes(d: Path) -> int:

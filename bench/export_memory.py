@@ -16,11 +16,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from trtfalcon.bench.process import measure
 
 CHECK = r"""
 import sys, onnx
@@ -31,18 +31,6 @@ m = onnx.load(str(d / "model.onnx"), load_external_data=False)
 ext = [t for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
 print(len(m.graph.node), len(ext), sum(n.domain == "trtfalcon" for n in m.graph.node))
 """
-
-
-def measure(label: str, cmd: list[str]) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    code = os.waitstatus_to_exitcode(status)
-    return {"cmd": label, "exit_code": code, "wall_s": round(wall, 1), "peak_rss_bytes": usage.ru_maxrss * 1024,
-            "stdout_tail": out[-300:], "stderr_tail": err[-600:] if code else ""}
 
 
 def dir_bytes(d: Path) -> int:

@@ -116,3 +116,12 @@ def test_artifact_directories_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
+
+
+def test_measure_reads_a_chatty_child_without_blocking_and_reports_its_peak_rss():
+    from trtfalcon.bench.process import measure
+
+    code = "import sys; x = bytearray(200 * 2**20); sys.stdout.write('a' * 300000); sys.stderr.write('e'); sys.exit(3)"
+    r = measure("chatty", [sys.executable, "-c", code])
+    assert r["exit_code"] == 3 and r["stderr_tail"] == "e" and r["stdout_tail"] == "a" * 600
+    assert r["peak_rss_bytes"] > 200 * 2**20  # the child's own 200 MiB, from the kernel's accounting
