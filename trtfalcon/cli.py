@@ -316,15 +316,18 @@ def _runtime_opts(kw: dict[str, Any]):
 @click.option("--logprobs", default=0, show_default=True, type=click.IntRange(min=0),
               help="Return the top-k log-probs of each generated token.")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at the model's EOS token.")
+@click.option("--n", "n", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Samples per prompt, prefilled once (DeepConf's parallel traces); sample k of prompt i uses seed "
+                   "seed + i*n + k. With --json one line per sample, with \"sample\": k.")
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt", "reference"]), default="torch", show_default=True,
               help="torch: the in-flight-batching runtime; onnxruntime: the same runtime over an fp32 export "
                    "directory (`trtfalcon export`); reference: the unbatched oracle model, one prompt at a time.")
 @runtime_options
-@click.option("--json", "as_json", is_flag=True, help='One JSON object per prompt: {"token_ids": [...], ...}.')
+@click.option("--json", "as_json", is_flag=True, help='One JSON object per prompt (per sample with --n): {"token_ids": [...], ...}.')
 @handle_errors
 def generate(checkpoint: Path, prompt_ids: str | None, prompts_file: Path | None, max_new_tokens: int,
-             temperature: float, top_k: int, top_p: float, seed: int, logprobs: int, ignore_eos: bool, backend: str,
-             as_json: bool, **kw: Any) -> None:
+             temperature: float, top_k: int, top_p: float, seed: int, logprobs: int, ignore_eos: bool, n: int,
+             backend: str, as_json: bool, **kw: Any) -> None:
     """Generate tokens for one or many prompts.
 
     CHECKPOINT is a deploy checkpoint (from `convert`) or a Hugging Face checkpoint (converted in memory).
@@ -336,6 +339,7 @@ def generate(checkpoint: Path, prompt_ids: str | None, prompts_file: Path | None
     Examples:
       trtfalcon generate runs/tiny-deploy --prompt-ids 1,2,3 --max-new-tokens 8 --json
       trtfalcon generate runs/tiny-deploy --prompts-file prompts.jsonl --max-batch-size 8 --json
+      trtfalcon generate runs/tiny-deploy --prompt-ids 1,2,3 --n 8 --temperature 0.6 --top-p 0.95 --json
     """
     from trtfalcon.runtime.prompts import load_prompts
 
@@ -345,12 +349,13 @@ def generate(checkpoint: Path, prompt_ids: str | None, prompts_file: Path | None
         # the oracle is plain greedy / temperature sampling over dense caches: refuse what it would silently drop
         unused = [flag for flag, used in (("--top-k", top_k != 0), ("--top-p", top_p != 1.0),
                                           ("--logprobs", logprobs != 0), ("--kv-cache-dtype", opts.kv_dtype
-                                                                            not in (None, "auto")))
+                                                                            not in (None, "auto")), ("--n", n != 1))
                   if used]
         if unused:
             raise click.UsageError(f"{', '.join(unused)}: not supported by --backend reference (greedy or "
                                    "temperature sampling only); use --backend torch")
         results = _generate_reference(checkpoint, prompts, opts, temperature, seed, ignore_eos)
+        samples: list[tuple[int, int | None]] = [(i, None) for i in range(len(prompts))]
     else:
         from trtfalcon.runtime.backends import create_executor, runtime_limits
         from trtfalcon.runtime.llm import LLMEngine
@@ -362,12 +367,21 @@ def generate(checkpoint: Path, prompt_ids: str | None, prompts_file: Path | None
                            max_seq_len=lim.max_seq_len, eos_token_ids=cfg.eos_token_id, seed=seed)
         requests = [
             Request(str(i), p.prompt_ids, SamplingParams(
-                max_new_tokens=p.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + i,
-                ignore_eos=ignore_eos, logprobs=logprobs))
+                max_new_tokens=p.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + i * n,
+                ignore_eos=ignore_eos, logprobs=logprobs, n=n))
             for i, p in enumerate(prompts)
         ]
+        # (prompt index, sample k or None) per output: n outputs per prompt (1 if the prompt was rejected for n)
+        samples = []
+        outputs = []
+        for i, req in enumerate(requests):
+            outs = engine.add_samples(req)
+            samples += [(i, o.sample_index if o.parent_id is not None else None) for o in outs]
+            outputs += outs
+        while engine.has_work:
+            engine.step()
         results = []
-        for o in engine.generate(requests):
+        for o in outputs:
             r: dict[str, Any] = {"token_ids": o.token_ids, "finish_reason": o.finish_reason}
             if o.error:
                 r["error"] = o.error
@@ -378,10 +392,12 @@ def generate(checkpoint: Path, prompt_ids: str | None, prompts_file: Path | None
                 ]
             results.append(r)
     failed = 0
-    for i, (p, r) in enumerate(zip(prompts, results)):
+    for (i, k), r in zip(samples, results):
+        p = prompts[i]
         failed += "error" in r
         if as_json:
-            click.echo(json.dumps({"index": i, "prompt_ids": p.prompt_ids, **r}))
+            click.echo(json.dumps({"index": i, **({} if k is None else {"sample": k}), "prompt_ids": p.prompt_ids,
+                                   **r}))
         elif "error" in r:
             click.echo(f"error: {r['error']}", err=True)
         else:

@@ -4,9 +4,8 @@ They hand out indices only; the pools themselves (contract.CacheSpec.allocate) b
 sharing implies (a forked state slot, a shared partly-filled KV block) are returned as (src, dst) pairs for the
 executor to perform, so the managers stay pure host bookkeeping and run the same for every backend.
 
-`BlockManager.fork` / `StateSlotPool.fork` (with the executors' copy_blocks / copy_slot) are the building blocks
-for n samples of one prompt sharing its prefill (DeepConf's parallel traces); the scheduler does not use them yet:
-SamplingParams has no `n`, so today n samples are n requests that each prefill the prompt.
+`BlockManager.fork` / `StateSlotPool.fork` (with the executors' copy_blocks / copy_slot) let the n samples of one
+prompt (SamplingParams.n, DeepConf's parallel traces) share its prefill: Scheduler.fork_samples uses them.
 
 Block tables live in one int32 matrix (one row per sequence id) so that building a step's `block_tables` is a
 single gather of rows, not a Python loop over sequences. The scheduler uses a sequence's state slot as its row:

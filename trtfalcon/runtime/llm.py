@@ -12,6 +12,11 @@ or drive it step by step (a server, a benchmark with a concurrency limit):
 
 Every request ends exactly once: "length", "stop", "cancelled", or "error" (rejected at add time, or its step's
 executor call failed). The engine is single-threaded: a server calls add_request/cancel/step from one loop.
+
+n samples of one prompt (SamplingParams(n=4), DeepConf's parallel traces): `add_samples(request)` returns the n
+outputs, request ids f"{request_id}/{k}"; each sample is a request of its own from then on (its own deltas,
+finish reason, `cancel("rid/k")`), while `cancel("rid")` ends all of them. The prompt is prefilled once and the
+samples fork its caches (scheduler.py). `generate` lists the n samples of a request consecutively, in sample order.
 """
 
 from __future__ import annotations
@@ -85,18 +90,32 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> RequestOutput:
+        """Queue a request with n == 1 (for n > 1 use add_samples: one request, several outputs)."""
+        n = request.params.n
+        if isinstance(n, int) and n > 1:
+            raise ValueError(f"request {request.request_id!r}: add_request takes n == 1, found n="
+                             f"{n}; add_samples returns the output of every sample")
+        return self.add_samples(request)[0]
+
+    def add_samples(self, request: Request) -> list[RequestOutput]:
+        """Queue a request; one live output per sample (SamplingParams.n), in sample order.
+
+        A rejected request's outputs come back already finished with its error (a single one, with the request's
+        own id, when n itself is invalid).
+        """
         arrival = request.arrival_time if request.arrival_time is not None else time.perf_counter()
-        out = self.scheduler.add(request, arrival)
-        if out.finished:
-            self._ended.append(out)
-        return out
+        outs = self.scheduler.add(request, arrival)
+        if outs[0].finished:
+            self._ended.extend(outs)
+        return outs
 
     def cancel(self, request_id: str) -> bool:
-        """Cancel a queued or running request; its blocks and slot are free at once. False if not in flight."""
-        out = self.scheduler.cancel(request_id)
-        if out is None:
+        """Cancel a queued or running request (one sample "rid/k", or all samples of "rid"); its blocks and slot
+        are free at once. False if not in flight."""
+        outs = self.scheduler.cancel(request_id)
+        if not outs:
             return False
-        self._ended.append(out)
+        self._ended.extend(outs)
         return True
 
     @property
@@ -125,6 +144,20 @@ class LLMEngine:
                 self.num_steps += 1
                 return self._emit(deltas)
             t2 = time.perf_counter()
+            slot_pairs, block_pairs = sched.fork_samples(step)
+            if slot_pairs:
+                try:
+                    for src, dst in slot_pairs:
+                        self.executor.copy_slot(src, dst)
+                    self.executor.copy_blocks(block_pairs)
+                except Exception as exc:  # noqa: BLE001 - the forked samples end with this error; others go on
+                    forked = step.sample_seqs[len(step.sample_seqs) - step.num_forked:]
+                    sched.fail(forked, f"fork failed in step {self.num_steps}: {type(exc).__name__}: {exc}")
+                    deltas.extend(StreamDelta(s.request_id, [], None, s.output.finish_reason, s.output)
+                                  for s in forked)
+                    del step.sample_seqs[len(step.sample_seqs) - step.num_forked:]
+                    del step.sample_rows[len(step.sample_rows) - step.num_forked:]
+                    step.num_forked = 0
             token_ids, logprobs = self._sample(step, logits)
             t3 = time.perf_counter()
             sampled = sched.update(step, token_ids, logprobs, t3)
@@ -143,10 +176,9 @@ class LLMEngine:
         rows = step.sample_rows
         if not rows:
             return [], None
-        seqs = step.seqs
-        if len(rows) != len(seqs):
+        if len(rows) != len(step.seqs) or step.num_forked:
             logits = logits[rows]
-        sample_seqs = [seqs[r] for r in rows]
+        sample_seqs = step.sample_seqs
         return self.sampler.sample(logits, [s.params for s in sample_seqs], [s.rng for s in sample_seqs])
 
     def _collect(self, sampled: list, deltas: list[StreamDelta]) -> None:
@@ -170,8 +202,9 @@ class LLMEngine:
 
     # ---- whole workloads -----------------------------------------------------------------------------------
     def generate(self, requests: Iterable[Request]) -> list[RequestOutput]:
-        """Run `requests` together in flight until all end; outputs in input order."""
-        outputs = [self.add_request(r) for r in requests]
+        """Run `requests` together in flight until all end; outputs in input order, the n samples of a request
+        (SamplingParams.n) consecutively in sample order."""
+        outputs = [out for r in requests for out in self.add_samples(r)]
         while self.has_work:
             self.step()
         return outputs
@@ -179,6 +212,6 @@ class LLMEngine:
     def stream_deltas(self, requests: Iterable[Request]) -> Iterator[StreamDelta]:
         """Add `requests`, then yield every delta until all end (token by token when stream=True)."""
         for r in requests:
-            self.add_request(r)
+            self.add_samples(r)
         while self.has_work:
             yield from self.step()

@@ -24,6 +24,12 @@ class SamplingParams:
     does the same work; as in vLLM, stop_token_ids still apply). The stop token itself is part of the output.
     `logprobs` = k > 0 returns, per generated token, its log-probability and the k most likely tokens with theirs,
     all from the distribution actually sampled from (log_softmax of the logits after temperature, top-k, top-p).
+
+    `n` > 1 asks for n samples of the prompt (DeepConf's parallel traces): n sequences with request ids
+    f"{request_id}/{k}" (k = 0 .. n-1), sample k seeded with `seed + k` when a seed is given (else each draws its own
+    seed from the engine's generator). The prompt is prefilled once; the samples then fork its KV blocks and Mamba
+    state and each samples its own tokens, ending on its own (length / stop / cancel). Sample k's tokens equal those
+    of a separate request with seed + k. 1 <= n <= the engine's max_batch_size.
     """
 
     max_new_tokens: int = 16
@@ -34,6 +40,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int = 0
+    n: int = 1
 
     @property
     def greedy(self) -> bool:
@@ -57,6 +64,8 @@ class SamplingParams:
             bad("top_p", "a number in (0, 1] (1 = off)")
         if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= vocab_size:
             bad("logprobs", f"an integer in [0, vocab_size={vocab_size}]")
+        if not isinstance(self.n, int) or self.n < 1:
+            bad("n", "an integer >= 1 (samples of the prompt)")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "an integer or None")
         if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in self.stop_token_ids):
@@ -94,6 +103,8 @@ class RequestOutput:
 
     `finish_reason` is None while running, then one of "length", "stop", "cancelled", "error" (with `error`
     holding the message). `logprobs` has one entry per generated token when the request asked for them.
+    For a request with SamplingParams.n > 1 there is one RequestOutput per sample: request_id f"{parent_id}/{k}",
+    `parent_id` the request's own id and `sample_index` k (for n == 1: parent_id None, sample_index 0).
     """
 
     request_id: str
@@ -106,6 +117,8 @@ class RequestOutput:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    parent_id: str | None = None
+    sample_index: int = 0
 
     @property
     def finished(self) -> bool:
