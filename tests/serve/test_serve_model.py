@@ -359,3 +359,24 @@ def test_onnxruntime_backend_serves_the_same_tokens(ids_ckpt, tmp_path):
         assert [tokens(r) for r in rs] == [w["token_ids"] for w in want]
     finally:
         model.finalize()
+
+
+def test_each_thread_gets_its_own_tokenizer(tmp_path):
+    """Encode (Triton's thread) and decode (the engine thread) never share a tokenizer object, so neither waits
+    for the other and HF fast tokenizers never see concurrent use."""
+    import threading
+
+    from serve_helpers import save_wordlevel_tokenizer
+
+    from trtfalcon.serve.text import ThreadLocalTokenizer, load_tokenizer
+
+    save_wordlevel_tokenizer(tmp_path, 256)
+    tok = ThreadLocalTokenizer(tmp_path, first=load_tokenizer(tmp_path))
+    mine = tok.tokenizer
+    seen = {}
+    t = threading.Thread(target=lambda: seen.update(obj=tok.tokenizer, again=tok.tokenizer,
+                                                    text=tok.decode(tok.encode("w7 w9"))))
+    t.start()
+    t.join()
+    assert tok.tokenizer is mine and seen["obj"] is seen["again"] and seen["obj"] is not mine
+    assert tok.decode(tok.encode("w7 w9")) == seen["text"] == "w7 w9"

@@ -38,7 +38,7 @@ from trtfalcon.errors import RequestError
 from trtfalcon.runtime.request import Request, StreamDelta, TokenLogprobs
 from trtfalcon.serve.repository import ServeSettings, runtime_options
 from trtfalcon.serve.requests import ParsedRequest, parse_request, serve_limits
-from trtfalcon.serve.text import LockedTokenizer, TextStream, load_tokenizer
+from trtfalcon.serve.text import TextStream, ThreadLocalTokenizer, load_tokenizer
 
 log = logging.getLogger("trtfalcon.serve")
 
@@ -82,9 +82,9 @@ class ServedModel:
                                 max_seq_len=max_seq_len, eos_token_ids=cfg.eos_token_id, seed=settings.seed,
                                 stream=True, log_steps=False)
         tok_dir = settings.resolve(version_dir, "tokenizer_dir")
-        # Triton's thread encodes while the engine thread decodes: one lock around the tokenizer (HF fast
-        # tokenizers raise "Already borrowed" when their Rust object is used from two threads at once).
-        self.tokenizer = LockedTokenizer(load_tokenizer(tok_dir)) if tok_dir is not None else None
+        # Triton's thread encodes while the engine thread decodes: each thread gets its own tokenizer.
+        self.tokenizer = (ThreadLocalTokenizer(tok_dir, first=load_tokenizer(tok_dir))
+                          if tok_dir is not None else None)
         self.limits = serve_limits(settings.limits, vocab_size=cfg.vocab_size, max_seq_len=max_seq_len)
         self._ids = itertools.count()
         self._cv = threading.Condition()

@@ -36,20 +36,31 @@ def load_tokenizer(directory: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
 
 
-class LockedTokenizer:
-    """encode/decode of a tokenizer under one lock, for use from Triton's thread and the engine thread."""
+class ThreadLocalTokenizer:
+    """One tokenizer per thread: Triton's thread encodes while the engine thread decodes.
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self._lock = threading.Lock()
+    HF fast tokenizers raise "Already borrowed" when their Rust object is used from two threads at once; a shared
+    lock would fix that but let one long prompt's encode stall every stream's detokenization, so each thread gets
+    its own copy (loaded on first use, once per thread)."""
+
+    def __init__(self, directory: str | Path, first: Any | None = None) -> None:
+        self.directory = directory
+        self._local = threading.local()
+        if first is not None:  # the caller's thread already loaded one (to fail early on a bad tokenizer)
+            self._local.tokenizer = first
+
+    @property
+    def tokenizer(self) -> Any:
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            tok = self._local.tokenizer = load_tokenizer(self.directory)
+        return tok
 
     def encode(self, text: str) -> list[int]:
-        with self._lock:
-            return self.tokenizer.encode(text)
+        return self.tokenizer.encode(text)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        with self._lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 class TextStream:
