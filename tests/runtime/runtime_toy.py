@@ -101,3 +101,13 @@ class ToyExecutor:
             if name.startswith("kv_cache"):
                 for src, dst in pairs:
                     t[:, dst] = t[:, src]
+
+
+def assert_output_matches(out, want: list[int], stops, label: str) -> None:
+    """A finished output against the toy run of its prompt alone: a cancelled one is a prefix of it, any other
+    equals it and ends for the right reason."""
+    if out.finish_reason == "cancelled":
+        assert out.token_ids == want[:len(out.token_ids)], label
+    else:
+        assert out.token_ids == want, f"{label} (preempted {out.num_preemptions}x)"
+        assert out.finish_reason == ("stop" if want[-1] in stops else "length"), label

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from runtime_toy import toy_greedy, toy_logits, toy_next_token
+from runtime_toy import assert_output_matches, toy_greedy, toy_logits, toy_next_token
 from test_scheduler import CheckedToy
 
 from trtfalcon.runtime.llm import LLMEngine
@@ -304,12 +304,8 @@ def test_random_load_with_samples_is_correct_and_leaks_nothing(num_blocks, block
             continue
         assert [o.request_id for o in outs] == ([str(i)] if n == 1 else [f"{i}/{k}" for k in range(n)])
         for k, out in enumerate(outs):
-            want = toy_run(prompt, params[i], 1000 * i + k, stops)
-            if out.finish_reason == "cancelled":
-                assert out.token_ids == want[:len(out.token_ids)]
-            else:
-                assert out.token_ids == want, f"request {i} sample {k} (preempted {out.num_preemptions}x)"
-                assert out.finish_reason == ("stop" if want[-1] in stops else "length")
+            assert_output_matches(out, toy_run(prompt, params[i], 1000 * i + k, stops), stops,
+                                  f"request {i} sample {k}")
 
 
 def test_forked_samples_survive_preemption():

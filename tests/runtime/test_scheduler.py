@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from runtime_toy import ToyExecutor, toy_greedy
+from runtime_toy import ToyExecutor, assert_output_matches, toy_greedy
 
 from trtfalcon.runtime.llm import LLMEngine
 from trtfalcon.runtime.request import Request, SamplingParams
@@ -116,12 +116,7 @@ def test_random_load_is_correct_and_leaks_nothing(num_blocks, block_size, num_sl
             assert f"request '{i}' rejected" in out.error
             assert len(prompt) + max_new > 48 or -(-(len(prompt) + max_new - 1) // block_size) > num_blocks
             continue
-        want = toy_greedy(prompt, max_new, VOCAB, stops)
-        if out.finish_reason == "cancelled":
-            assert out.token_ids == want[:len(out.token_ids)]
-        else:
-            assert out.token_ids == want, f"request {i} (preempted {out.num_preemptions}x)"
-            assert out.finish_reason == ("stop" if want[-1] in stops else "length")
+        assert_output_matches(out, toy_greedy(prompt, max_new, VOCAB, stops), stops, f"request {i}")
 
 
 def test_chunked_prefill_and_preemption_happen_and_match():
