@@ -505,14 +505,4 @@ class Scheduler:
 
     def _finish_running(self, seq: Sequence, reason: str, now: float) -> None:
         # Leaves `running` to the caller's single rebuild (finishing many sequences in one step stays O(batch)).
-        state_slot = seq.state_slot
-        seq.state_slot = -1
-        self.blocks.free(state_slot)
-        self.slots.free(state_slot)
-        seq.finished = True
-        del self.live[seq.request_id]
-        if seq.group is not None:
-            self._end_group_member(seq.group)
-        out = seq.output
-        out.finish_reason = reason
-        out.finish_time = now
+        self._finish(seq, reason, now)
