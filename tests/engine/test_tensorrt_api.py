@@ -9,11 +9,11 @@
 
 import ast
 import re
-import warnings
 import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import wheel_plugin_api_names
 
 ROOT = Path(__file__).parents[2]
 # file -> names of variables (and self.<attr>) that hold TensorRT objects in that file
@@ -29,24 +29,7 @@ PYTHON_NAMES = {"__version__", "__name__", "__signature__"}
 def bindings(trt_bindings_wheel):
     with zipfile.ZipFile(trt_bindings_wheel) as z:
         so = z.read("tensorrt_bindings/tensorrt.so")
-        plugin_names: set[str] = set()
-        for f in z.namelist():
-            if f.startswith("tensorrt_bindings/plugin/") and f.endswith(".py"):
-                with warnings.catch_warnings():  # NVIDIA's docstrings hold invalid escapes like '\s'
-                    warnings.simplefilter("ignore", SyntaxWarning)
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    tree = ast.parse(z.read(f))
-                for node in ast.walk(tree):
-                    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-                        plugin_names.add(node.name)
-                    elif isinstance(node, ast.Assign):
-                        for t in node.targets:
-                            if isinstance(t, ast.Name):
-                                plugin_names.add(t.id)
-                            elif isinstance(t, ast.Attribute):
-                                plugin_names.add(t.attr)
-                    elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                        plugin_names.add(node.target.id)
+    plugin_names = wheel_plugin_api_names(trt_bindings_wheel, attributes=True)
     strings = set(re.findall(rb"[\x21-\x7e]{2,}(?=\x00)", so))
     return strings, plugin_names
 

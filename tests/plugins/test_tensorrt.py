@@ -1,10 +1,7 @@
 """TensorRT plugins: the API names used exist in the 11.4 plugin API; a one-layer engine per plugin where TensorRT
 and a GPU exist."""
 
-import ast
 import inspect
-import warnings
-import zipfile
 
 import pytest
 import torch
@@ -12,25 +9,11 @@ import torch
 from trtfalcon.errors import MissingDependencyError
 from trtfalcon.plugins import tensorrt as trt_plugins
 from trtfalcon.plugins.spec import OPS
+from helpers import wheel_plugin_api_names
 
 @pytest.fixture(scope="module")
 def plugin_api_names(trt_bindings_wheel) -> set[str]:
-    """Public names of tensorrt_bindings/plugin/*.py in the 11.4 wheel, read with ast (the wheel is never imported)."""
-    wheel = trt_bindings_wheel
-    names: set[str] = set()
-    with zipfile.ZipFile(wheel) as z:
-        for f in z.namelist():
-            if f.startswith("tensorrt_bindings/plugin/") and f.endswith(".py"):
-                with warnings.catch_warnings():  # TensorRT's own sources have invalid escape sequences
-                    warnings.simplefilter("ignore", SyntaxWarning)
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    tree = ast.parse(z.read(f))
-                for node in ast.walk(tree):
-                    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-                        names.add(node.name)
-                    elif isinstance(node, ast.Assign):
-                        names.update(t.id for t in node.targets if isinstance(t, ast.Name))
-    return names
+    return wheel_plugin_api_names(trt_bindings_wheel)
 
 
 def test_plugin_api_names_exist(plugin_api_names):

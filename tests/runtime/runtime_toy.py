@@ -111,3 +111,14 @@ def assert_output_matches(out, want: list[int], stops, label: str) -> None:
     else:
         assert out.token_ids == want, f"{label} (preempted {out.num_preemptions}x)"
         assert out.finish_reason == ("stop" if want[-1] in stops else "length"), label
+
+
+def check_step_invariants(sched) -> None:
+    """After every step: the cache managers' own invariants, the batch limit, and slots owned exactly by the
+    running sequences."""
+    import numpy as np
+
+    sched.blocks.check_invariants()
+    sched.slots.check_invariants()
+    assert len(sched.running) <= sched.max_batch_size
+    assert set(np.flatnonzero(sched.slots.in_use).tolist()) == {s.state_slot for s in sched.running}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from runtime_toy import assert_output_matches, toy_greedy, toy_logits, toy_next_token
+from runtime_toy import assert_output_matches, check_step_invariants, toy_greedy, toy_logits, toy_next_token
 from test_scheduler import CheckedToy
 
 from trtfalcon.runtime.llm import LLMEngine
@@ -283,10 +283,7 @@ def test_random_load_with_samples_is_correct_and_leaks_nothing(num_blocks, block
         for d in eng.step():
             assert d.finished and d.output is outputs[d.request_id]
             ended[d.request_id] = ended.get(d.request_id, 0) + 1
-        sched.blocks.check_invariants()
-        sched.slots.check_invariants()
-        assert len(sched.running) <= sched.max_batch_size
-        assert set(np.flatnonzero(sched.slots.in_use).tolist()) == {s.state_slot for s in sched.running}
+        check_step_invariants(sched)
         # every live sequence is in exactly one place: running, waiting, or waiting on its parent's prefill
         places = [id(s) for s in sched.running] + [id(s) for s in sched.waiting] + \
                  [id(c) for s in list(sched.running) + list(sched.waiting) for c in s.children]

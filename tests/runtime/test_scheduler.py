@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from runtime_toy import ToyExecutor, assert_output_matches, toy_greedy
+from runtime_toy import ToyExecutor, assert_output_matches, check_step_invariants, toy_greedy
 
 from trtfalcon.runtime.llm import LLMEngine
 from trtfalcon.runtime.request import Request, SamplingParams
@@ -100,10 +100,7 @@ def test_random_load_is_correct_and_leaks_nothing(num_blocks, block_size, num_sl
         for d in eng.step():
             assert d.finished and d.output is outputs[d.request_id]
             ended[d.request_id] = ended.get(d.request_id, 0) + 1
-        sched.blocks.check_invariants()
-        sched.slots.check_invariants()
-        assert len(sched.running) <= sched.max_batch_size
-        assert set(np.flatnonzero(sched.slots.in_use).tolist()) == {s.state_slot for s in sched.running}
+        check_step_invariants(sched)
         step += 1
         assert step < 2000, "no progress"
 
