@@ -58,7 +58,7 @@ from trtfalcon.dtypes import FLOAT_NAMES, KV_CACHE_NAMES, lookup
 from trtfalcon.errors import CheckpointError, ConfigError, MissingDependencyError
 from trtfalcon.export.source import DeploySource, open_deploy_checkpoint
 from trtfalcon.plugins.spec import (
-    CAUSAL_CONV1D, DOMAIN, DTYPES, GATED_RMS_NORM, OP_VERSION, PAGED_ATTENTION, SSD, OpSpec, dtype_name,
+    CAUSAL_CONV1D, DOMAIN, GATED_RMS_NORM, OP_VERSION, PAGED_ATTENTION, SSD, OpSpec, dtype_name,
 )
 from trtfalcon.runtime.contract import STEP_INPUTS, STEP_OUTPUTS, cache_names, cache_output_name
 
@@ -311,7 +311,7 @@ class FalconH1Graph:
         spec = next(a for a in op.inputs if a.name == arg)
         if spec.fill is None:
             raise ValueError(f"internal: {op.name}.{arg} has no fill value in plugins/spec.py")
-        dtype = DTYPES[spec.dtypes[0]][0] if len(spec.dtypes) == 1 else self.dtype
+        dtype = lookup(spec.dtypes[0], "long").torch if len(spec.dtypes) == 1 else self.dtype
         shape = () if n is None else (n,)
         return self.g.const(torch.full(shape, spec.fill, dtype=dtype), f"/model/constants/{op.name}_{arg}_fill")
 

@@ -34,7 +34,7 @@ import torch
 from trtfalcon.dtypes import FLOAT_NAMES, KV_CACHE_NAMES, lookup
 from trtfalcon.errors import CheckpointError, MissingDependencyError, TrtFalconError
 from trtfalcon.plugins.ops import get_ops
-from trtfalcon.plugins.spec import DOMAIN, DTYPES, OPS, OpSpec
+from trtfalcon.plugins.spec import DOMAIN, OPS, OpSpec
 from trtfalcon.runtime.contract import CacheSpec, StepBatch, cache_names, cache_output_name
 from trtfalcon.runtime.executors.base import TorchPools
 
@@ -69,7 +69,7 @@ def ref_arguments(op: OpSpec, tensors: dict[str, torch.Tensor], attrs: dict[str,
             kwargs[p] = (attrs["dt_min"], attrs["dt_max"])
         elif p in attrs:
             v = attrs[p]
-            kwargs[p] = DTYPES[v][0] if p.endswith("dtype") else v
+            kwargs[p] = lookup(v, "long").torch if p.endswith("dtype") else v
         else:
             raise TrtFalconError(f"internal: {op.name}'s reference parameter {p!r} has no graph input or attribute")
     if attrs.get("has_norm") is False:
