@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from trtfalcon.config import FalconH1Config, preset
+from trtfalcon.dtypes import lookup
 from trtfalcon.errors import TrtFalconError
 from trtfalcon.plugins._triton import require_triton
-from trtfalcon.plugins.spec import DTYPES, OPS, KernelContext, KernelSpec, OpSpec
+from trtfalcon.plugins.spec import OPS, KernelContext, KernelSpec, OpSpec
 
 
 class AOTError(TrtFalconError):
@@ -96,7 +97,7 @@ def kernel_signature(op: OpSpec, ks: KernelSpec, dtypes: dict[str, str], attrs: 
         if n in constexprs:
             sig[n] = "constexpr"
         elif n in ptr_dtype:
-            sig[n] = "*" + DTYPES[ptr_dtype[n]][1]
+            sig[n] = "*" + lookup(ptr_dtype[n], "long").triton
         else:
             sig[n] = "i32"
     return sig
@@ -219,18 +220,17 @@ def configurations(cfg: FalconH1Config, act_dtypes: Iterable[str] = ("float32", 
     H, P, G, N = cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_n_groups, cfg.mamba_d_state
     hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     lim = cfg.time_step_limit
-    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
     for act in act_dtypes:
-        a = short[act]
+        a = lookup(act, "long").name
         for st in sorted({act, "float32"}):
             out.append(BuildConfig(
-                "causal_conv1d", "varlen", f"x-{a}_state-{short[st]}",
+                "causal_conv1d", "varlen", f"x-{a}_state-{lookup(st, 'long').name}",
                 dict(x=act, weight=act, bias=act, conv_state=st, cu_seqlens=i32, context_lens=i32, state_slots=i32),
                 dict(activation=True), dict(x=(1, conv_dim), weight=(conv_dim, K))))
         for kern in ("chunked", "recurrent"):
             for st in ("float32", "bfloat16"):
                 out.append(BuildConfig(
-                    "ssd", kern, f"x-{a}_state-{short[st]}",
+                    "ssd", kern, f"x-{a}_state-{lookup(st, 'long').name}",
                     dict(x=act, dt=act, A="float32", B=act, C=act, D="float32", dt_bias="float32", ssm_state=st,
                          cu_seqlens=i32, context_lens=i32, state_slots=i32),
                     dict(chunk_size=cfg.mamba_chunk_size, dt_min=float(lim[0]), dt_max=float(lim[1])),

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from trtfalcon.dtypes import lookup
 from trtfalcon.errors import TrtFalconError
 from trtfalcon.plugins import attention, conv1d, gated_norm, ssd
 from trtfalcon.plugins._triton import require_triton, triton
@@ -33,22 +34,13 @@ from trtfalcon.plugins._triton import require_triton, triton
 DOMAIN = "trtfalcon"
 OP_VERSION = 1
 
-# dtype name -> (torch dtype, Triton signature type, ONNX TensorProto enum)
-DTYPES: dict[str, tuple[torch.dtype, str, int]] = {
-    "float32": (torch.float32, "fp32", 1),
-    "float16": (torch.float16, "fp16", 10),
-    "bfloat16": (torch.bfloat16, "bf16", 16),
-    "int32": (torch.int32, "i32", 6),
-    "float8_e4m3fn": (torch.float8_e4m3fn, "fp8e4nv", 17),  # FP8 KV cache only (sm_89+: tl.float8e4nv)
-}
+# The dtypes a plugin tensor may have, by long name (their other spellings: trtfalcon/dtypes.py)
+TENSOR_DTYPES = ("float32", "float16", "bfloat16", "int32", "float8_e4m3fn")  # float8: FP8 KV cache only (sm_89+)
 FLOATS = ("float32", "bfloat16", "float16")
 
 
 def dtype_name(dt: torch.dtype) -> str:
-    for name, (t, _, _) in DTYPES.items():
-        if t == dt:
-            return name
-    raise TrtFalconError(f"plugin ops: unsupported dtype {dt}; expected one of {', '.join(DTYPES)}")
+    return lookup(dt, "torch", among=TENSOR_DTYPES, what="plugin ops: dtype", error=TrtFalconError).long
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -490,7 +482,8 @@ def launch(op: OpSpec, *args: Any, kernel: str | None = None, **kwargs: Any) -> 
         if o.alias:
             outputs[o.name] = tensors[o.alias]
         else:
-            dt = DTYPES[op.output_dtype(o, dtypes, attrs)][0]
+            dt = lookup(op.output_dtype(o, dtypes, attrs), "long", among=TENSOR_DTYPES,
+                        what=f"{op.name}: output {o.name!r} dtype", error=TrtFalconError).torch
             outputs[o.name] = torch.empty(shapes[o.like], dtype=dt, device=tensors[o.like].device)
     grid = tuple(int(e.evaluate(dim_of, constexprs)) for e in ks.grid)
     first = next(t for t in tensors.values() if t is not None)
@@ -516,5 +509,5 @@ def torch_call(op: OpSpec) -> Callable[..., torch.Tensor]:
     return call
 
 
-__all__ = ["DOMAIN", "DTYPES", "OPS", "Attr", "Expr", "KernelContext", "KernelSpec", "OpSpec", "OutputArg",
+__all__ = ["DOMAIN", "OPS", "TENSOR_DTYPES", "Attr", "Expr", "KernelContext", "KernelSpec", "OpSpec", "OutputArg",
            "TensorArg", "cdiv", "dim", "cexpr", "launch", "ssd_kernel_chunk", "torch_call"]

@@ -16,12 +16,10 @@ from __future__ import annotations
 import inspect
 from typing import Any, Tuple
 
+from trtfalcon.dtypes import lookup
 from trtfalcon.errors import MissingDependencyError
-from trtfalcon.plugins.spec import DOMAIN, OPS, KernelSpec, OpSpec
+from trtfalcon.plugins.spec import DOMAIN, OPS, TENSOR_DTYPES, KernelSpec, OpSpec
 
-# TensorRT dtype attribute names per spec dtype name (resolved against the installed tensorrt module).
-_TRT_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int32": "int32",
-              "float8_e4m3fn": "fp8"}  # the FP8 KV cache (trt.fp8 is E4M3)
 _REGISTERED: set[str] = set()
 
 
@@ -44,8 +42,8 @@ def import_tensorrt_plugin() -> tuple[Any, Any]:
 
 
 def _dtype_name(trt: Any, dt: Any) -> str:
-    for name, attr in _TRT_DTYPE.items():
-        if getattr(trt, attr, None) == dt:
+    for name in TENSOR_DTYPES:  # each resolved against the installed tensorrt module
+        if getattr(trt, lookup(name, "long").tensorrt, None) == dt:
             return name
     raise MissingDependencyError(f"TensorRT dtype {dt} has no Triton kernel configuration")
 
@@ -82,7 +80,7 @@ def _register_one(trt: Any, trtp: Any, op: OpSpec, ks: KernelSpec) -> str:
                 continue
             desc = src.like()
             if o.dtype_attr:
-                desc.dtype = getattr(trt, _TRT_DTYPE[a[o.dtype_attr]])
+                desc.dtype = getattr(trt, lookup(a[o.dtype_attr], "long", among=TENSOR_DTYPES).tensorrt)
             outs.append(desc)
         return tuple(outs)
 

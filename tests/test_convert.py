@@ -154,6 +154,13 @@ def test_absurd_header_length(src, tmp_path):
     _convert_fails(src, tmp_path, "corrupt safetensors header")
 
 
+def test_header_dtype_outside_the_vocabulary_is_named(src, tmp_path):
+    t = _tensors(src)
+    t["model.layers.1.mamba.A_log"] = t["model.layers.1.mamba.A_log"].double()
+    save_file(t, src / "model.safetensors")
+    _convert_fails(src, tmp_path, r"tensor 'model\.layers\.1\.mamba\.A_log' dtype: expected one of BF16, .*found 'F64'")
+
+
 def test_missing_tensor(src, tmp_path):
     t = _tensors(src)
     del t["model.layers.1.mamba.A_log"]

@@ -13,8 +13,9 @@ from typing import Any
 import click
 
 from trtfalcon import __version__
+from trtfalcon.dtypes import FLOAT_NAMES, KV_CACHE_NAMES, SSM_STATE_NAMES, lookup
 
-DTYPE_CHOICE = click.Choice(["bf16", "fp16", "fp32"])
+DTYPE_CHOICE = click.Choice(FLOAT_NAMES)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -91,7 +92,7 @@ def synth(preset: str, out_dir: Path, seed: int, dtype: str, max_shard_size: str
 
     cfg_dict = preset_dict(preset)
     cfg = FalconH1Config.from_hf_dict(cfg_dict)
-    elem = 2 if dtype != "fp32" else 4
+    elem = lookup(dtype).itemsize
     total = sum(_numel(s) * elem for s in hf_tensor_shapes(cfg).values())
     progress, task = _progress(total, f"synth {preset}")
     with progress:
@@ -208,10 +209,10 @@ def quantize(hf_dir: Path, out_dir: Path, fmt: str, kv_cache_dtype: str | None, 
 @click.option("--dtype", type=DTYPE_CHOICE, default=None,
               help="Compute dtype of the graph [default: the checkpoint's]. The onnxruntime backend needs fp32.")
 @click.option("--opset", default=21, show_default=True, type=click.IntRange(min=21), help="ONNX opset (21 or newer).")
-@click.option("--kv-cache-dtype", "kv_dtype", type=click.Choice(["bf16", "fp16", "fp32", "fp8"]), default=None,
+@click.option("--kv-cache-dtype", "kv_dtype", type=click.Choice(KV_CACHE_NAMES), default=None,
               help="Dtype of the KV cache pools the graph takes [default: the compute dtype]; fp8 needs the "
                    "checkpoint's k/v scales (`quantize --kv-cache-dtype fp8`).")
-@click.option("--ssm-state-dtype", "ssm_dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+@click.option("--ssm-state-dtype", "ssm_dtype", type=click.Choice(SSM_STATE_NAMES), default="fp32", show_default=True,
               help="Dtype of the Mamba SSM state pools.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only after the new one is complete).")
 @handle_errors
@@ -261,7 +262,7 @@ def runtime_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Tokens per paged-KV block."),
         click.option("--num-blocks", default=None, type=click.IntRange(min=1),
                      help="KV blocks in the pool [default: every sequence at full length]. Fewer forces preemption."),
-        click.option("--ssm-state-dtype", "ssm_dtype", type=click.Choice(["fp32", "bf16"]), default="fp32",
+        click.option("--ssm-state-dtype", "ssm_dtype", type=click.Choice(SSM_STATE_NAMES), default="fp32",
                      show_default=True, help="Dtype of the Mamba SSM state pool."),
         click.option("--kv-cache-dtype", "kv_dtype", type=click.Choice(["auto", "fp8"]), default="auto",
                      show_default=True,

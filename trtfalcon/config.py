@@ -13,12 +13,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from trtfalcon.dtypes import lookup
 from trtfalcon.errors import ConfigError
 
 # Bumped whenever the deploy checkpoint's tensor layout changes; readers refuse other versions.
 DEPLOY_FORMAT_VERSION = 1
-
-_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,7 @@ class FalconH1Config:
 
     def kv_cache_bytes_per_token(self, dtype: str = "bf16") -> int:
         """K and V of every layer for one token."""
-        return 2 * self.num_hidden_layers * self.kv_size * _DTYPE_BYTES[dtype]
+        return 2 * self.num_hidden_layers * self.kv_size * lookup(dtype).itemsize
 
     def conv_state_elements_per_seq(self) -> int:
         return self.num_hidden_layers * self.conv_dim * self.conv_state_len
@@ -133,8 +132,8 @@ class FalconH1Config:
     def state_bytes_per_seq(self, ssm_dtype: str = "fp32", conv_dtype: str = "bf16") -> int:
         """Mamba state one sequence holds for its whole life, independent of its length."""
         return (
-            self.ssm_state_elements_per_seq() * _DTYPE_BYTES[ssm_dtype]
-            + self.conv_state_elements_per_seq() * _DTYPE_BYTES[conv_dtype]
+            self.ssm_state_elements_per_seq() * lookup(ssm_dtype, what="ssm_dtype").itemsize
+            + self.conv_state_elements_per_seq() * lookup(conv_dtype, what="conv_dtype").itemsize
         )
 
     def num_parameters(self) -> int:

@@ -2,6 +2,7 @@
 a failure part-way leaves nothing at the output path."""
 
 import json
+import shutil
 
 import onnx
 import pytest
@@ -139,6 +140,16 @@ def test_bf16_export_is_valid_but_onnxruntime_needs_fp32(hf_checkpoints, tmp_pat
     assert manifest["dtype"] == "bf16" and manifest["cache_dtypes"] == {"kv_cache": "bf16", "conv_state": "bf16",
                                                                        "ssm_state": "fp32"}
     with pytest.raises(CheckpointError, match=r"exported in bf16.*--dtype fp32"):
+        OnnxRuntimeExecutor(out, num_blocks=4, block_size=4, num_slots=2)
+
+
+def test_manifest_cache_dtype_outside_the_vocabulary_is_named(onnx_exports, tmp_path):
+    out = shutil.copytree(onnx_exports("base"), tmp_path / "onnx")
+    manifest = json.loads((out / "export.json").read_text())
+    manifest["cache_dtypes"]["ssm_state"] = "fp8"  # FP8 is for KV pools only
+    (out / "export.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"onnx: export\.json cache_dtypes: expected one of bf16, fp16, fp32, "
+                                              r"found 'fp8'"):
         OnnxRuntimeExecutor(out, num_blocks=4, block_size=4, num_slots=2)
 
 

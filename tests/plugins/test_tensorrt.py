@@ -101,7 +101,7 @@ def test_one_layer_engine_matches_reference(plugin):
     _tensorrt_and_gpu_or_skip()
     import tensorrt as trt
 
-    from trtfalcon.plugins.spec import DTYPES
+    from trtfalcon.dtypes import lookup
 
     op = next(o for o in OPS.values() if any(o.plugin_name(k) == plugin for k in o.kernels))
     args, kwargs, attrs = _example_call(op.name)
@@ -119,10 +119,7 @@ def test_one_layer_engine_matches_reference(plugin):
         if t is None:
             t = torch.full(tensors[op.outputs[0].like].shape[-1:], i.fill or 0.0)
             tensors[i.name] = t
-        inputs.append(network.add_input(i.name, getattr(trt, {"float32": "float32", "bfloat16": "bfloat16",
-                                                              "int32": "int32"}[[k for k, v in DTYPES.items()
-                                                                                 if v[0] == t.dtype][0]]),
-                                        tuple(t.shape)))
+        inputs.append(network.add_input(i.name, getattr(trt, lookup(t.dtype, "torch").tensorrt), tuple(t.shape)))
     layer = trt_plugins.add_plugin(network, plugin, inputs, **attrs)
     for j, o in enumerate(op.outputs):
         layer.get_output(j).name = o.name

@@ -33,6 +33,7 @@ from trtfalcon.checkpoint.safetensors_io import (
     SafetensorsReader, TensorSpec, atomic_output_dir, row_chunks, torch_dtype, write_sharded,
 )
 from trtfalcon.config import DEPLOY_FORMAT_VERSION, FalconH1Config
+from trtfalcon.dtypes import FLOAT_NAMES, lookup
 from trtfalcon.errors import CheckpointError
 
 FP32_TENSORS = ("A_log", "D", "dt_bias")
@@ -186,7 +187,7 @@ def convert_checkpoint(
 def deploy_config_dict(cfg: FalconH1Config, dtype: str, source: Path) -> dict:
     """config.json of a deploy checkpoint: the folded config plus trtfalcon's format record."""
     deploy_cfg = cfg.without_multipliers().to_hf_dict()
-    deploy_cfg["torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    deploy_cfg["torch_dtype"] = lookup(dtype, among=FLOAT_NAMES).long
     deploy_cfg["trtfalcon"] = {
         "format": "deploy", "version": DEPLOY_FORMAT_VERSION, "dtype": dtype, "folded_multipliers": True,
         "fused": {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]},

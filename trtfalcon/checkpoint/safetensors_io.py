@@ -25,15 +25,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from trtfalcon.dtypes import FLOAT_NAMES, lookup
 from trtfalcon.errors import CheckpointError
-
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-_ST_DTYPE: dict[torch.dtype, str] = {
-    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3",
-    torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8", torch.int8: "I8",
-}
-_TORCH_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -41,9 +34,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise CheckpointError(f"dtype: expected one of {', '.join(DTYPES)}, found {name!r}")
-    return DTYPES[name]
+    return lookup(name, among=FLOAT_NAMES, error=CheckpointError).torch
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,7 +157,8 @@ def _read_header(path: Path) -> list[TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype = _TORCH_DTYPE[meta["dtype"]]
+            dtype = lookup(meta["dtype"], "safetensors", what=f"{path}: tensor '{name}' dtype",
+                           error=CheckpointError).torch
             shape = tuple(int(s) for s in meta["shape"])
             begin, end = (int(x) for x in meta["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
@@ -251,7 +243,8 @@ def _write_file(
     header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for s in specs:
-        header[s.name] = {"dtype": _ST_DTYPE[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        header[s.name] = {"dtype": lookup(s.dtype, "torch").safetensors, "shape": list(s.shape),
+                          "data_offsets": [offset, offset + s.nbytes]}
         offset += s.nbytes
     hbytes = json.dumps(header, separators=(",", ":")).encode()
     hbytes += b" " * ((-len(hbytes)) % 8)  # the data section starts 8-byte aligned, as safetensors writes it

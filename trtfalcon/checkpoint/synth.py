@@ -22,6 +22,7 @@ from trtfalcon.checkpoint.safetensors_io import (
     TensorSpec, atomic_output_dir, row_chunks, torch_dtype, write_sharded,
 )
 from trtfalcon.config import FalconH1Config
+from trtfalcon.dtypes import FLOAT_NAMES, lookup
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -82,7 +83,7 @@ def synth_checkpoint(
     out = Path(out_dir)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         hf = dict(config_dict)
-        hf["torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+        hf["torch_dtype"] = lookup(dtype, among=FLOAT_NAMES).long
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         write_sharded(tmp, specs, produce, max_shard_bytes, on_tensor, metadata={"producer": "trtfalcon synth"})
     return out

@@ -338,14 +338,14 @@ def run_build(
 
 
 def _check_supported(bc: BuildConfig) -> None:
-    """What the exporter's cache pools take (export/onnx.py KV_DTYPES / STATE_DTYPES); asked before any work is
+    """What the exporter's cache pools take (trtfalcon/dtypes.py KV_CACHE_NAMES / FLOAT_NAMES); asked before any work is
     done. precision.kv_cache fp8 flows into quantize (k/v scales), export (float8 KV pools, scales fed to the
     attention nodes) and so the engine's I/O dtypes."""
-    from trtfalcon.export.onnx import KV_DTYPES, STATE_DTYPES
+    from trtfalcon.dtypes import FLOAT_NAMES, KV_CACHE_NAMES
 
     p = bc.precision
-    for key, value, allowed in (("kv_cache", p.kv_cache, KV_DTYPES), ("conv_state", p.conv_state, STATE_DTYPES),
-                                ("ssm_state", p.ssm_state, STATE_DTYPES)):
+    for key, value, allowed in (("kv_cache", p.kv_cache, KV_CACHE_NAMES), ("conv_state", p.conv_state, FLOAT_NAMES),
+                                ("ssm_state", p.ssm_state, FLOAT_NAMES)):
         if value not in allowed:
             raise ConfigError(f"{bc.name}: precision.{key}: expected one of {', '.join(allowed)} (what the ONNX "
                               f"exporter's cache pools take, trtfalcon/export/onnx.py), found {value}")

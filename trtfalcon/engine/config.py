@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trtfalcon.config import FalconH1Config, PRESETS, preset
+from trtfalcon.dtypes import FloatName, KvCacheName, SsmStateName, lookup
 from trtfalcon.errors import ConfigError
 
 GiB = 2**30
@@ -37,7 +38,6 @@ GPUS: dict[str, dict[str, Any]] = {
     "H200": {"memory_mib": 143_771, "arch": "sm_90", "bandwidth_tbs": 4.8},
     "B200": {"memory_mib": 183_359, "arch": "sm_100", "bandwidth_tbs": 8.0},
 }
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 
 
 class _Strict(BaseModel):
@@ -57,10 +57,10 @@ class ModelSection(_Strict):
 
 class PrecisionSection(_Strict):
     weights: Literal["fp8", "bf16"] = "bf16"
-    compute: Literal["bf16", "fp16", "fp32"] = "bf16"
-    kv_cache: Literal["fp8", "bf16", "fp16", "fp32"] = "bf16"
-    ssm_state: Literal["fp32", "bf16"] = "fp32"
-    conv_state: Literal["bf16", "fp16", "fp32"] = "bf16"
+    compute: FloatName = "bf16"
+    kv_cache: KvCacheName = "bf16"
+    ssm_state: SsmStateName = "fp32"
+    conv_state: FloatName = "bf16"
 
 
 class QuantizeSection(_Strict):
@@ -275,7 +275,7 @@ def weight_bytes(cfg: FalconH1Config, weights: str, compute: str) -> tuple[int, 
     rows = L * (cfg.qkv_size + h + cfg.in_proj_size + h + 2 * cfg.intermediate_size + h)
     other = 2 * cfg.vocab_size * h + h + L * (cfg.conv_dim * (cfg.mamba_d_conv + 1) + 2 * h + cfg.mamba_d_ssm)
     fp32 = L * 3 * cfg.mamba_n_heads * 4
-    cb = _BYTES[compute]
+    cb = lookup(compute).itemsize
     if weights == "fp8":
         total = linear + 4 * rows + 4 * 6 * L + other * cb + fp32
         what = f"{linear / 1e9:.2f} B linear params FP8 + {other / 1e9:.2f} B embeddings/lm_head/norms {compute}"
@@ -291,7 +291,7 @@ def activation_bytes(cfg: FalconH1Config, bc: BuildConfig) -> tuple[int, str]:
     dtype, plus fp32 logits for max_batch_size rows, plus the builder's workspace limit."""
     t = bc.runtime.max_num_tokens
     per_token = cfg.in_proj_size + 2 * cfg.intermediate_size + cfg.qkv_size + 4 * cfg.hidden_size + cfg.conv_dim
-    b = t * per_token * _BYTES[bc.precision.compute] * 2  # x2: producer and consumer of a layer live together
+    b = t * per_token * lookup(bc.precision.compute).itemsize * 2  # x2: producer and consumer of a layer live together
     b += bc.runtime.max_batch_size * cfg.vocab_size * 4
     ws = int(bc.profile.workspace_gib * GiB)
     return b + ws, f"{t} tokens/step, workspace {bc.profile.workspace_gib:g} GiB"

@@ -22,18 +22,9 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-ALIGN = 4096
+from trtfalcon.dtypes import lookup
 
-# torch dtype -> ONNX TensorProto elem type (the dtypes a deploy checkpoint and the contract use)
-ONNX_DTYPE: dict[torch.dtype, int] = {
-    torch.float32: TensorProto.FLOAT,
-    torch.bfloat16: TensorProto.BFLOAT16,
-    torch.float16: TensorProto.FLOAT16,
-    torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN,
-    torch.int32: TensorProto.INT32,
-    torch.int64: TensorProto.INT64,
-}
-TORCH_DTYPE = {v: k for k, v in ONNX_DTYPE.items()}
+ALIGN = 4096
 
 
 @dataclass
@@ -74,7 +65,7 @@ class GraphBuilder:
     def annotate(self, name: str, dtype: torch.dtype, shape: Iterable[int | str] | None) -> None:
         """Declare a value's type where ONNX shape inference cannot (the outputs of plugin nodes)."""
         dims = None if shape is None else list(shape)
-        self.value_info.append(helper.make_tensor_value_info(name, ONNX_DTYPE[dtype], dims))
+        self.value_info.append(helper.make_tensor_value_info(name, lookup(dtype, "torch").onnx, dims))
 
     # ---- constants ----
     def const(self, value: torch.Tensor | np.ndarray, name: str) -> str:
@@ -102,7 +93,7 @@ class GraphBuilder:
         """A weight written later as external data by streaming `produce()` (dim-0 chunks of `dtype`)."""
         proto = TensorProto()
         proto.name = name
-        proto.data_type = ONNX_DTYPE[dtype]
+        proto.data_type = lookup(dtype, "torch").onnx
         proto.dims.extend(shape)
         nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
         self.external.append(ExternalTensor(proto, nbytes, produce))
@@ -154,7 +145,7 @@ def _tensor_proto(t: torch.Tensor, name: str) -> TensorProto:
     if t.dtype in (torch.bfloat16, torch.float8_e4m3fn):
         proto = TensorProto()
         proto.name = name
-        proto.data_type = ONNX_DTYPE[t.dtype]
+        proto.data_type = lookup(t.dtype, "torch").onnx
         proto.dims.extend(t.shape)
         proto.raw_data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
         return proto

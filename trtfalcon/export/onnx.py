@@ -54,17 +54,18 @@ from trtfalcon import __version__
 from trtfalcon.checkpoint.convert import SIDE_FILES, deploy_dtype_of
 from trtfalcon.checkpoint.safetensors_io import atomic_output_dir, torch_dtype
 from trtfalcon.config import FalconH1Config
+from trtfalcon.dtypes import FLOAT_NAMES, KV_CACHE_NAMES, lookup
 from trtfalcon.errors import CheckpointError, ConfigError, MissingDependencyError
 from trtfalcon.export.source import DeploySource, open_deploy_checkpoint
 from trtfalcon.plugins.spec import (
-    CAUSAL_CONV1D, DOMAIN, DTYPES, GATED_RMS_NORM, OP_VERSION, PAGED_ATTENTION, SSD, OpSpec, dtype_name,
+    CAUSAL_CONV1D, DOMAIN, GATED_RMS_NORM, OP_VERSION, PAGED_ATTENTION, SSD, OpSpec, dtype_name,
 )
 from trtfalcon.runtime.contract import STEP_INPUTS, STEP_OUTPUTS, cache_names, cache_output_name
 
 try:
     from onnx import TensorProto, helper
 
-    from trtfalcon.export.graph import ONNX_DTYPE, GraphBuilder, save_model_proto, write_external_data
+    from trtfalcon.export.graph import GraphBuilder, save_model_proto, write_external_data
 except ImportError as e:  # pragma: no cover - the `onnx` extra is missing
     raise MissingDependencyError(
         f"trtfalcon export needs the `onnx` package: pip install 'trtfalcon[onnx]' ({e})"
@@ -76,9 +77,6 @@ IR_VERSION = 10  # the IR of opset 21
 MODEL_FILE, DATA_FILE, MANIFEST_FILE = "model.onnx", "model.onnx.data", "export.json"
 EXPORT_FILES = (MODEL_FILE, DATA_FILE, "config.json", MANIFEST_FILE)
 MANIFEST_VERSION = 1
-STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# The KV pools may also be FP8 (E4M3): the attention nodes then take the checkpoint's k_scale / v_scale.
-KV_DTYPES = {**STATE_DTYPES, "fp8": torch.float8_e4m3fn}
 
 Progress = Callable[[str, int, int], None]  # (tensor name, bytes written so far, total bytes)
 
@@ -122,7 +120,7 @@ def export_onnx(
         raise CheckpointError(f"{out_dir}: the output directory must differ from the input checkpoint")
     compute = torch_dtype(dtype or src.stored_dtype)
     pools = {
-        "kv_cache": _state_dtype(kv_dtype, compute, "kv_dtype", KV_DTYPES),
+        "kv_cache": _state_dtype(kv_dtype, compute, "kv_dtype", KV_CACHE_NAMES),
         "conv_state": _state_dtype(conv_dtype, compute, "conv_dtype"),
         "ssm_state": _state_dtype(ssm_dtype, compute, "ssm_dtype"),
     }
@@ -183,12 +181,10 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 def _state_dtype(name: str | None, default: torch.dtype, what: str,
-                 choices: dict[str, torch.dtype] = STATE_DTYPES) -> torch.dtype:
+                 choices: tuple[str, ...] = FLOAT_NAMES) -> torch.dtype:
     if name is None:
         return default
-    if name not in choices:
-        raise ConfigError(f"{what}: expected one of {', '.join(choices)}, found {name!r}")
-    return choices[name]
+    return lookup(name, among=choices, what=what).torch
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -259,7 +255,7 @@ class FalconH1Graph:
         return g.op("Mul", [self.weight(weight), normed], scope)
 
     def make_cast(self, x: str, to: torch.dtype, scope: str, source: torch.dtype) -> str:
-        return x if source == to else self.g.op("Cast", [x], scope, to=ONNX_DTYPE[to])
+        return x if source == to else self.g.op("Cast", [x], scope, to=lookup(to, "torch").onnx)
 
     def make_split(self, x: str, sizes: list[int], scope: str, axis: int = -1) -> list[str]:
         return self.g.node("Split", [x, self.g.ints(sizes)], scope, outputs=len(sizes), axis=axis)
@@ -279,7 +275,7 @@ class FalconH1Graph:
         for fn in ("Cos", "Sin"):
             t = g.op(fn, [emb], scope)
             if self.dtype != torch.float32:
-                t = g.op("Cast", [t], scope, to=ONNX_DTYPE[self.dtype])
+                t = g.op("Cast", [t], scope, to=lookup(self.dtype, "torch").onnx)
             tables.append(g.op("Unsqueeze", [t, g.ints([1])], scope))
         return tables[0], tables[1]
 
@@ -315,7 +311,7 @@ class FalconH1Graph:
         spec = next(a for a in op.inputs if a.name == arg)
         if spec.fill is None:
             raise ValueError(f"internal: {op.name}.{arg} has no fill value in plugins/spec.py")
-        dtype = DTYPES[spec.dtypes[0]][0] if len(spec.dtypes) == 1 else self.dtype
+        dtype = lookup(spec.dtypes[0], "long").torch if len(spec.dtypes) == 1 else self.dtype
         shape = () if n is None else (n,)
         return self.g.const(torch.full(shape, spec.fill, dtype=dtype), f"/model/constants/{op.name}_{arg}_fill")
 
@@ -451,22 +447,20 @@ class FalconH1Graph:
     def io(self) -> tuple[list[Any], list[Any]]:
         ins, outs = self.io_spec()
         mk = helper.make_tensor_value_info
-        return ([mk(n, ONNX_DTYPE[dt], shape) for n, (dt, shape) in ins.items()],
-                [mk(n, ONNX_DTYPE[dt], shape) for n, (dt, shape) in outs.items()])
+        return ([mk(n, lookup(dt, "torch").onnx, shape) for n, (dt, shape) in ins.items()],
+                [mk(n, lookup(dt, "torch").onnx, shape) for n, (dt, shape) in outs.items()])
 
     def manifest(self, opset: int) -> dict[str, Any]:
         ins, outs = self.io_spec()
-        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "int32",
-                 torch.float8_e4m3fn: "fp8"}
 
         def table(d: dict[str, tuple[torch.dtype, list]]) -> dict[str, Any]:
-            return {n: {"dtype": names[dt], "shape": shape} for n, (dt, shape) in d.items()}
+            return {n: {"dtype": lookup(dt, "torch").name, "shape": shape} for n, (dt, shape) in d.items()}
 
         return {
             "format": "trtfalcon-onnx", "version": MANIFEST_VERSION, "trtfalcon": __version__,
             "model": MODEL_FILE, "external_data": DATA_FILE, "opset": opset, "ir_version": IR_VERSION,
-            "dtype": names[self.dtype], "source": str(self.src.directory),
-            "cache_dtypes": {k: names[v] for k, v in self.pool_dtypes.items()},
+            "dtype": lookup(self.dtype, "torch").name, "source": str(self.src.directory),
+            "cache_dtypes": {k: lookup(v, "torch").name for k, v in self.pool_dtypes.items()},
             "inputs": table(ins), "outputs": table(outs),
             "aliases": {cache_output_name(p): p for p in cache_names(self.cfg.num_hidden_layers)},
             "plugins": {"domain": DOMAIN, "nodes": dict(sorted(self.plugin_counts.items()))},

@@ -24,10 +24,9 @@ import torch
 from trtfalcon.checkpoint.convert import deploy_dtype_of, deploy_tensor_shapes, is_deploy_checkpoint
 from trtfalcon.checkpoint.safetensors_io import SafetensorsReader, row_chunks, torch_dtype
 from trtfalcon.config import DEPLOY_FORMAT_VERSION, FalconH1Config
+from trtfalcon.dtypes import FLOAT_NAMES, lookup
 from trtfalcon.errors import CheckpointError
 from trtfalcon.quantize.fp8_format import FP8_DTYPE, QUANTIZED_LINEARS, fp8_tensor_specs, quantized_linears
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass
@@ -128,7 +127,8 @@ def open_deploy_checkpoint(directory: str | Path) -> DeploySource:
                 "norms, embeddings and lm_head stay in the deploy dtype: quantize/fp8_format.py)"
             )
         want = deploy_dtype_of(name, info.dtype)
-        if info.dtype not in DTYPE_NAMES or (want == torch.float32 and info.dtype != torch.float32):
+        if lookup(info.dtype, "torch").name not in FLOAT_NAMES or (
+                want == torch.float32 and info.dtype != torch.float32):
             raise CheckpointError(f"{info.file}: tensor '{name}' has dtype {info.dtype}, expected "
                                   f"{'float32' if want == torch.float32 else 'bf16, fp16 or fp32'}")
     extra = sorted(set(reader.tensors) - set(expected) - set(quant_specs))

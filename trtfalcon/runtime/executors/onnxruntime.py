@@ -31,14 +31,13 @@ from typing import Any
 
 import torch
 
+from trtfalcon.dtypes import FLOAT_NAMES, KV_CACHE_NAMES, lookup
 from trtfalcon.errors import CheckpointError, MissingDependencyError, TrtFalconError
 from trtfalcon.plugins.ops import get_ops
-from trtfalcon.plugins.spec import DOMAIN, DTYPES, OPS, OpSpec
+from trtfalcon.plugins.spec import DOMAIN, OPS, OpSpec
 from trtfalcon.runtime.contract import CacheSpec, StepBatch, cache_names, cache_output_name
 from trtfalcon.runtime.executors.base import TorchPools
 
-STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-KV_DTYPES = {**STATE_DTYPES, "fp8": torch.float8_e4m3fn}  # an FP8 KV export: float8 pools, scales in the graph
 
 
 def _import_ort():
@@ -70,7 +69,7 @@ def ref_arguments(op: OpSpec, tensors: dict[str, torch.Tensor], attrs: dict[str,
             kwargs[p] = (attrs["dt_min"], attrs["dt_max"])
         elif p in attrs:
             v = attrs[p]
-            kwargs[p] = DTYPES[v][0] if p.endswith("dtype") else v
+            kwargs[p] = lookup(v, "long").torch if p.endswith("dtype") else v
         else:
             raise TrtFalconError(f"internal: {op.name}'s reference parameter {p!r} has no graph input or attribute")
     if attrs.get("has_norm") is False:
@@ -254,11 +253,12 @@ class OnnxRuntimeExecutor(TorchPools):
         from trtfalcon.runtime.executors.torch import resolve_kernels
 
         self.kernels = resolve_kernels(kernels, torch.device("cpu"))  # auto -> the vectorized torch ops
-        cache = manifest["cache_dtypes"]
+        cache, what = manifest["cache_dtypes"], f"{export_dir}: export.json cache_dtypes"
         self.cache_spec = CacheSpec.for_model(
             cfg, num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
-            kv_dtype=KV_DTYPES[cache["kv_cache"]], conv_dtype=STATE_DTYPES[cache["conv_state"]],
-            ssm_dtype=STATE_DTYPES[cache["ssm_state"]],
+            kv_dtype=lookup(cache["kv_cache"], among=KV_CACHE_NAMES, what=what, error=CheckpointError).torch,
+            conv_dtype=lookup(cache["conv_state"], among=FLOAT_NAMES, what=what, error=CheckpointError).torch,
+            ssm_dtype=lookup(cache["ssm_state"], among=FLOAT_NAMES, what=what, error=CheckpointError).torch,
         )
         self.vocab_size = cfg.vocab_size
         self.pools = self.cache_spec.allocate("cpu")

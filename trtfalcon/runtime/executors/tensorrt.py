@@ -23,11 +23,10 @@ from typing import Any
 import torch
 
 from trtfalcon.config import FalconH1Config
+from trtfalcon.dtypes import KV_CACHE_NAMES, lookup
 from trtfalcon.errors import CheckpointError, ConfigError, MissingDependencyError
 from trtfalcon.runtime.contract import STEP_INPUTS, STEP_OUTPUTS, CacheSpec, StepBatch, cache_names, cache_output_name
 from trtfalcon.runtime.executors.base import TorchPools
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 
 
 def engine_dir_of(path: str | Path) -> Path:
@@ -81,10 +80,12 @@ class TensorRTExecutor(TorchPools):
             raise ConfigError(f"num_blocks: the engine's profile allows 1..{max_blocks}, asked {num_blocks}")
         if not 1 <= num_slots <= max_slots:
             raise ConfigError(f"num_slots (max batch size): the engine allows 1..{max_slots}, asked {num_slots}")
-        dt = self.manifest["cache_dtypes"]
+        dt, what = self.manifest["cache_dtypes"], f"{self.engine_dir}: manifest cache_dtypes"
         self.cache_spec = CacheSpec.for_model(
             cfg, num_blocks=num_blocks, block_size=rt["kv_block_size"], num_slots=num_slots,
-            kv_dtype=_DTYPES[dt["kv_cache"]], conv_dtype=_DTYPES[dt["conv_state"]], ssm_dtype=_DTYPES[dt["ssm_state"]],
+            kv_dtype=lookup(dt["kv_cache"], among=KV_CACHE_NAMES, what=what, error=CheckpointError).torch,
+            conv_dtype=lookup(dt["conv_state"], among=KV_CACHE_NAMES, what=what, error=CheckpointError).torch,
+            ssm_dtype=lookup(dt["ssm_state"], among=KV_CACHE_NAMES, what=what, error=CheckpointError).torch,
         )
         self.vocab_size = cfg.vocab_size
         # The engine's limits, which runtime.backends.runtime_limits hands to the scheduler.

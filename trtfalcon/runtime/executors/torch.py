@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from trtfalcon.dtypes import FLOAT_NAMES, KV_CACHE_NAMES, lookup
 from trtfalcon.errors import CheckpointError, MissingDependencyError
 from trtfalcon.model.layers import FalconH1Model
 from trtfalcon.model.weights import DeployWeights
 from trtfalcon.plugins.ops import get_ops
 from trtfalcon.runtime.contract import CacheSpec, StepBatch
 from trtfalcon.runtime.executors.base import TorchPools
-
-STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# The KV pool may also be FP8 (E4M3 with per-layer k/v scales from the checkpoint); the Mamba states may not.
-KV_DTYPES = {**STATE_DTYPES, "fp8": torch.float8_e4m3fn}
 
 
 def check_fp8_kv_scales(weights: DeployWeights, source: str = "the checkpoint") -> None:
@@ -80,16 +77,17 @@ class TorchExecutor(TorchPools):
     def cache_spec_for(weights: DeployWeights, *, num_blocks: int, block_size: int, num_slots: int,
                        kv_dtype: str | None = None, ssm_dtype: str = "fp32", conv_dtype: str | None = None) -> CacheSpec:
         """The pools this executor allocates for these weights (KV and conv state default to the weights' dtype)."""
-        model_dtype = {v: k for k, v in STATE_DTYPES.items()}[weights.dtype]
+        model_dtype = lookup(weights.dtype, "torch", among=FLOAT_NAMES, what="weights dtype").name
         kv_dtype = None if kv_dtype in (None, "auto") else kv_dtype
-        if kv_dtype is not None and kv_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_dtype: expected auto or one of {', '.join(KV_DTYPES)}, found {kv_dtype!r}")
+        if kv_dtype is not None and kv_dtype not in KV_CACHE_NAMES:
+            raise ValueError(f"kv_dtype: expected auto or one of {', '.join(KV_CACHE_NAMES)}, found {kv_dtype!r}")
         if kv_dtype == "fp8":
             check_fp8_kv_scales(weights)
         return CacheSpec.for_model(
             weights.config, num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
-            kv_dtype=KV_DTYPES[kv_dtype or model_dtype], conv_dtype=STATE_DTYPES[conv_dtype or model_dtype],
-            ssm_dtype=STATE_DTYPES[ssm_dtype],
+            kv_dtype=lookup(kv_dtype or model_dtype, among=KV_CACHE_NAMES).torch,  # FP8: E4M3, the Mamba states may not
+            conv_dtype=lookup(conv_dtype or model_dtype, among=FLOAT_NAMES, what="conv_dtype").torch,
+            ssm_dtype=lookup(ssm_dtype, among=FLOAT_NAMES, what="ssm_dtype").torch,
         )
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
