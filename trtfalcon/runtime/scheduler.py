@@ -44,6 +44,7 @@ from trtfalcon.errors import RequestError
 from trtfalcon.runtime.cache import BlockManager, StateSlotPool
 from trtfalcon.runtime.contract import StepBatch
 from trtfalcon.runtime.request import Request, RequestOutput, SamplingParams, TokenLogprobs
+from trtfalcon.runtime.servable import SchedulerLimits, num_samples, request_problem
 
 
 class Sequence:
@@ -103,6 +104,9 @@ class Scheduler:
         self.max_batch_size = min(max_batch_size, num_slots)
         self.max_num_tokens = max_num_tokens
         self.max_seq_len = max_seq_len
+        self.limits = SchedulerLimits(vocab_size=vocab_size, max_batch_size=self.max_batch_size,
+                                      max_seq_len=max_seq_len, block_size=block_size, num_blocks=num_blocks,
+                                      watermark_blocks=watermark_blocks)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_blocks_per_seq = -(-max_seq_len // block_size)
         self.blocks = BlockManager(num_blocks, block_size, num_slots, self.max_blocks_per_seq, watermark_blocks)
@@ -130,7 +134,8 @@ class Scheduler:
 
     # ---- requests in and out -------------------------------------------------------------------------------
     def check(self, request: Request) -> str | None:
-        """Why `request` can never be served, as a message naming it, what was expected and what was found."""
+        """Why `request` can never be served, as a message naming it, what was expected and what was found: its
+        id already in flight (this scheduler's state), else servable.request_problem against self.limits."""
         rid = request.request_id
         head = f"request {rid!r} rejected:"
         n = request.params.n
@@ -139,37 +144,8 @@ class Scheduler:
         if isinstance(n, int) and n > 1 and any(f"{rid}/{k}" in self.live for k in range(n)):
             return f"{head} request_id: expected one whose sample ids {rid!r}/k are not in flight, found a " \
                    f"running request with such an id"
-        prompt = request.prompt_ids
-        if len(prompt) == 0:
-            return f"{head} prompt_ids: expected at least 1 token, found an empty prompt"
-        arr = np.asarray(prompt)
-        if arr.ndim != 1 or arr.dtype.kind not in "iu":
-            return f"{head} prompt_ids: expected a flat sequence of integer token ids, found dtype {arr.dtype}, " \
-                   f"shape {arr.shape}"
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi >= self.vocab_size:
-            bad = int(arr[(arr < 0) | (arr >= self.vocab_size)][0])
-            pos = int(np.flatnonzero(arr == bad)[0])
-            return f"{head} prompt_ids: expected token ids in [0, vocab_size={self.vocab_size}), found {bad} " \
-                   f"at position {pos}"
-        problems = request.params.problems(self.vocab_size)
-        if isinstance(n, int) and n > self.max_batch_size:
-            problems.append(f"n: expected at most max_batch_size={self.max_batch_size} samples, found {n}")
-        if problems:
-            return f"{head} " + "; ".join(problems)
-        total = len(prompt) + request.params.max_new_tokens
-        if total > self.max_seq_len:
-            return f"{head} prompt ({len(prompt)} tokens) + max_new_tokens ({request.params.max_new_tokens}) = " \
-                   f"{total} tokens, expected at most max_seq_len={self.max_seq_len}"
-        # At its longest a sequence caches prompt + max_new_tokens - 1 tokens (the last token is never fed back),
-        # and after a preemption it must be re-admitted with that many, watermark included.
-        peak = self.blocks.blocks_for(total - 1)
-        usable = self.blocks.num_blocks - self.blocks.watermark_blocks
-        if peak > usable:
-            return f"{head} prompt ({len(prompt)} tokens) + max_new_tokens ({request.params.max_new_tokens}) " \
-                   f"needs {peak} KV blocks of {self.blocks.block_size} tokens, expected at most the pool's " \
-                   f"{usable} (num_blocks={self.blocks.num_blocks} - watermark={self.blocks.watermark_blocks})"
-        return None
+        problem = request_problem(request, self.limits)
+        return None if problem is None else f"{head} {problem}"
 
     def add(self, request: Request, arrival_time: float) -> list[RequestOutput]:
         """Queue `request`: one output per sample (SamplingParams.n), in sample order.
@@ -181,7 +157,7 @@ class Scheduler:
             else request.prompt_ids.tolist()
         rid = request.request_id
         p = request.params
-        n = p.n if isinstance(p.n, int) and 1 <= p.n <= self.max_batch_size else 1
+        n = num_samples(p, self.limits)
         if n == 1:
             outputs = [RequestOutput(request_id=rid, prompt_ids=prompt, arrival_time=arrival_time)]
         else:
