@@ -114,11 +114,12 @@ def assert_output_matches(out, want: list[int], stops, label: str) -> None:
 
 
 def check_step_invariants(sched) -> None:
-    """After every step: the cache managers' own invariants, the batch limit, and slots owned exactly by the
-    running sequences."""
+    """After every step: the cache managers' own invariants, the batch limit, slots owned exactly by the running
+    sequences, and every sequence's status agreeing with the queue it is in (Scheduler.check_invariants)."""
     import numpy as np
 
     sched.blocks.check_invariants()
     sched.slots.check_invariants()
     assert len(sched.running) <= sched.max_batch_size
     assert set(np.flatnonzero(sched.slots.in_use).tolist()) == {s.state_slot for s in sched.running}
+    sched.check_invariants()

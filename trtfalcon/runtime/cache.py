@@ -154,11 +154,7 @@ class BlockManager:
         if not np.array_equal(held, self.ref_counts):
             bad = np.flatnonzero(held != self.ref_counts)[:5].tolist()
             raise CacheError(f"reference counts disagree with block tables at blocks {bad}")
-        free = self._free
-        if len(set(free)) != len(free):
-            raise CacheError("a block is on the free list twice")
-        if set(free) != set(np.flatnonzero(self.ref_counts == 0).tolist()):
-            raise CacheError("free list is not exactly the blocks with reference count 0")
+        _check_free_list(self._free, self.ref_counts == 0, "a block", "the blocks with reference count 0")
 
 
 class StateSlotPool:
@@ -200,8 +196,12 @@ class StateSlotPool:
         return src_slot, self.allocate()
 
     def check_invariants(self) -> None:
-        free = self._free
-        if len(set(free)) != len(free):
-            raise CacheError("a state slot is on the free list twice")
-        if set(free) != set(np.flatnonzero(~self.in_use).tolist()):
-            raise CacheError("free list is not exactly the slots not in use")
+        _check_free_list(self._free, ~self.in_use, "a state slot", "the slots not in use")
+
+
+def _check_free_list(free: list[int], unused: np.ndarray, one: str, all_unused: str) -> None:
+    """A pool's free list holds each of its unused indices (`unused`, a mask) once, and nothing else."""
+    if len(set(free)) != len(free):
+        raise CacheError(f"{one} is on the free list twice")
+    if set(free) != set(np.flatnonzero(unused).tolist()):
+        raise CacheError(f"free list is not exactly {all_unused}")

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 from trtfalcon.runtime.executors.base import Executor
 from trtfalcon.runtime.request import Request, RequestOutput, StreamDelta
 from trtfalcon.runtime.sampler import Sampler
-from trtfalcon.runtime.scheduler import ScheduledStep, Scheduler
+from trtfalcon.runtime.scheduler import FINISHED, ScheduledStep, Scheduler
 
 
 @dataclass(slots=True)
@@ -57,6 +57,11 @@ class StepLog:
     @property
     def host_us(self) -> float:
         return self.schedule_us + self.build_us + self.sample_us
+
+
+def _ended_delta(out: RequestOutput) -> StreamDelta:
+    """The last delta of a request that ended outside sampling (rejected, cancelled, failed): no new token."""
+    return StreamDelta(out.request_id, [], None, out.finish_reason, out)
 
 
 class LLMEngine:
@@ -127,7 +132,7 @@ class LLMEngine:
         """Run one step; return the deltas of requests that finished (and, with stream=True, got tokens)."""
         deltas: list[StreamDelta] = []
         if self._ended:
-            deltas.extend(StreamDelta(o.request_id, [], None, o.finish_reason, o) for o in self._ended)
+            deltas.extend(_ended_delta(o) for o in self._ended)
             self._ended.clear()
         sched = self.scheduler
         t0 = time.perf_counter()
@@ -139,8 +144,7 @@ class LLMEngine:
                 logits = self.executor.execute(step.batch)
             except Exception as exc:  # noqa: BLE001 - the step's requests end with this error; others go on
                 sched.fail(step.seqs, f"executor failed in step {self.num_steps}: {type(exc).__name__}: {exc}")
-                deltas.extend(StreamDelta(s.request_id, [], None, s.output.finish_reason, s.output)
-                              for s in step.seqs)
+                deltas.extend(_ended_delta(s.output) for s in step.seqs)
                 self.num_steps += 1
                 return self._emit(deltas)
             t2 = time.perf_counter()
@@ -151,13 +155,9 @@ class LLMEngine:
                         self.executor.copy_slot(src, dst)
                     self.executor.copy_blocks(block_pairs)
                 except Exception as exc:  # noqa: BLE001 - the forked samples end with this error; others go on
-                    forked = step.sample_seqs[len(step.sample_seqs) - step.num_forked:]
-                    sched.fail(forked, f"fork failed in step {self.num_steps}: {type(exc).__name__}: {exc}")
-                    deltas.extend(StreamDelta(s.request_id, [], None, s.output.finish_reason, s.output)
-                                  for s in forked)
-                    del step.sample_seqs[len(step.sample_seqs) - step.num_forked:]
-                    del step.sample_rows[len(step.sample_rows) - step.num_forked:]
-                    step.num_forked = 0
+                    forked = sched.fail_forked(step, f"fork failed in step {self.num_steps}: "
+                                                     f"{type(exc).__name__}: {exc}")
+                    deltas.extend(_ended_delta(s.output) for s in forked)
             token_ids, logprobs = self._sample(step, logits)
             t3 = time.perf_counter()
             sampled = sched.update(step, token_ids, logprobs, t3)
@@ -187,10 +187,10 @@ class LLMEngine:
                 out = seq.output
                 lp = [out.logprobs[-1]] if out.logprobs else None
                 deltas.append(StreamDelta(seq.request_id, [out.token_ids[-1]], lp, out.finish_reason,
-                                          out if seq.finished else None))
+                                          out if seq.status is FINISHED else None))
         else:
             for seq in sampled:
-                if seq.finished:
+                if seq.status is FINISHED:
                     out = seq.output
                     deltas.append(StreamDelta(seq.request_id, [out.token_ids[-1]], None, out.finish_reason, out))
 

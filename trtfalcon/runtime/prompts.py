@@ -2,7 +2,7 @@
 
 Parsing here checks structure (JSON, integer lists); whether a prompt can be served (ids inside the vocab, length
 within max_seq_len) is the runtime's call (Scheduler.add), so that one bad request ends with its own error while
-the others run. `check_servable` is the same check for the unbatched reference backend.
+the others run. `check_servable` asks the same (runtime/servable.py) for the unbatched reference backend.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trtfalcon.errors import RequestError
+from trtfalcon.runtime.servable import length_problem, prompt_problem
 
 
 @dataclass(frozen=True)
@@ -39,21 +40,10 @@ def parse_prompt(ids: object, max_new_tokens: object, where: str) -> Prompt:
 
 
 def check_servable(p: Prompt, vocab_size: int, max_seq_len: int, where: str) -> None:
-    ids, max_new_tokens = p.prompt_ids, p.max_new_tokens
-    if not ids:
-        raise RequestError(f"{where}: prompt_ids: expected at least 1 token, found an empty prompt")
-    bad = [(i, t) for i, t in enumerate(ids) if not 0 <= t < vocab_size]
-    if bad:
-        raise RequestError(
-            f"{where}: prompt_ids: expected token ids in [0, vocab_size={vocab_size}), found {bad[0][1]} "
-            f"at position {bad[0][0]}"
-        )
-    total = len(ids) + max_new_tokens
-    if total > max_seq_len:
-        raise RequestError(
-            f"{where}: prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens, "
-            f"expected at most max_seq_len={max_seq_len}"
-        )
+    problem = prompt_problem(p.prompt_ids, vocab_size) or length_problem(len(p.prompt_ids), p.max_new_tokens,
+                                                                         max_seq_len)
+    if problem is not None:
+        raise RequestError(f"{where}: {problem}")
 
 
 def iter_jsonl_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -12,8 +12,14 @@ Each step, in this order, within max_num_tokens tokens and max_batch_size sequen
      No admission in a step that preempted (it would thrash: the freed blocks are exactly the ones needed).
 Running sequences never exceed max_batch_size, so every running sequence decodes every step.
 
+Each sequence's SequenceStatus says where it is: WAITING in `waiting`, RUNNING in `running` (the only status that
+owns a state slot and KV blocks), FORK_PENDING in its parent's `children`, FINISHED nowhere. The moves between
+them (admit, fork, preempt, hand over, finish) are a few methods in one section, and only they set it. Every
+ending (stop, length, cancelled, error) goes through `_finish`: the sequence leaves its queue, samples waiting on
+its prefill are handed over, its slot and blocks are free before the next schedule.
+
 n samples of one prompt (SamplingParams.n > 1): sample 0 is queued and prefills the prompt like any request; the
-other n-1 wait on it (in `live`, neither waiting nor running, `parent` = sample 0). In the step whose chunk
+other n-1 wait on it (FORK_PENDING: in `live`, neither waiting nor running, `parent` = sample 0). In the step whose chunk
 completes sample 0's prompt, after the executor ran and before anything is sampled, `fork_samples` gives each of
 them a state slot (copy of sample 0's) and the prompt's KV blocks (full blocks shared by reference count, the
 partly-filled last block copied), with num_computed = prompt length, and adds them to `running`; the engine then
@@ -32,6 +38,7 @@ block_size).
 
 from __future__ import annotations
 
+import enum
 import random
 import time
 from collections import deque
@@ -43,30 +50,67 @@ import torch
 from trtfalcon.errors import RequestError
 from trtfalcon.runtime.cache import BlockManager, StateSlotPool
 from trtfalcon.runtime.contract import StepBatch
-from trtfalcon.runtime.request import Request, RequestOutput, SamplingParams, TokenLogprobs
+from trtfalcon.runtime.request import FINISH_REASONS, Request, RequestOutput, SamplingParams, TokenLogprobs
+from trtfalcon.runtime.servable import SchedulerLimits, num_samples, request_problem
+
+
+class SequenceStatus(enum.IntEnum):
+    """Where a sequence is, and so what it holds. Set only by the Scheduler's moves (the section "moves between
+    queues"), each asserting that it is one of NEXT_STATUS's; Scheduler.check_invariants checks that every
+    sequence is in the one place its status names.
+
+    How far a running sequence has got (prompt chunks still to prefill, or decoding) is not a status: it is
+    num_computed against len(tokens), read where it matters.
+    """
+
+    WAITING = 1       # in Scheduler.waiting: no state slot, no KV block
+    FORK_PENDING = 2  # in its `parent`'s `children` (n > 1): forks from the parent's prefill
+    RUNNING = 3       # in Scheduler.running: owns a state slot (its block-table row) and KV blocks
+    FINISHED = 4      # ended, output.finish_reason says why: in no queue, owns nothing
+
+
+# The members as module names: on Python 3.11 `SequenceStatus.RUNNING` is a descriptor lookup, about ten times a
+# global read, and the step's loops compare a status per sequence. (An IntEnum, so that the transition check
+# below hashes in C.)
+WAITING, FORK_PENDING, RUNNING, FINISHED = (SequenceStatus.WAITING, SequenceStatus.FORK_PENDING,
+                                            SequenceStatus.RUNNING, SequenceStatus.FINISHED)
+
+NEXT_STATUS: dict[SequenceStatus, frozenset[SequenceStatus]] = {
+    WAITING: frozenset({RUNNING, FINISHED}),  # admitted; or cancelled in the queue
+    # forked; or queued to prefill the prompt itself (no slot/block to fork into, or its parent ended first);
+    # or cancelled
+    FORK_PENDING: frozenset({RUNNING, WAITING, FINISHED}),
+    RUNNING: frozenset({WAITING, FINISHED}),  # preempted (recompute); or ended: stop, length, cancelled, error
+    FINISHED: frozenset(),
+}
 
 
 class Sequence:
     """A request while the scheduler holds it. `tokens` = prompt + generated; `num_computed` = context_len."""
 
     __slots__ = ("request_id", "params", "output", "tokens", "num_computed", "state_slot", "rng", "stop_ids",
-                 "max_new_tokens", "finished", "group", "parent", "children")
+                 "max_new_tokens", "status", "group", "parent", "children")
 
     def __init__(self, request_id: str, params: SamplingParams, output: RequestOutput, stop_ids: frozenset[int],
-                 rng: random.Random | None, group: str | None = None) -> None:
+                 rng: random.Random | None, group: str | None = None,
+                 status: SequenceStatus = WAITING) -> None:
         self.request_id = request_id
         self.params = params
         self.output = output
         self.tokens: list[int] = list(output.prompt_ids)
         self.num_computed = 0
-        self.state_slot = -1
+        self.state_slot = -1  # while RUNNING: its Mamba state slot, and its row of the block-table matrix
         self.rng = rng
         self.stop_ids = stop_ids
         self.max_new_tokens = params.max_new_tokens
-        self.finished = False
+        self.status = status
         self.group = group  # the request id of an n > 1 request, for its samples
-        self.parent: Sequence | None = None  # set while this sample waits to fork from `parent`'s prefill
-        self.children: list[Sequence] = []  # samples waiting to fork from this one's prefill
+        self.parent: Sequence | None = None  # while FORK_PENDING: the sequence whose prefill it forks from
+        self.children: list[Sequence] = []  # FORK_PENDING samples waiting on this one's prefill
+
+    @property
+    def finished(self) -> bool:
+        return self.status is FINISHED
 
 
 @dataclass
@@ -103,6 +147,9 @@ class Scheduler:
         self.max_batch_size = min(max_batch_size, num_slots)
         self.max_num_tokens = max_num_tokens
         self.max_seq_len = max_seq_len
+        self.limits = SchedulerLimits(vocab_size=vocab_size, max_batch_size=self.max_batch_size,
+                                      max_seq_len=max_seq_len, block_size=block_size, num_blocks=num_blocks,
+                                      watermark_blocks=watermark_blocks)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_blocks_per_seq = -(-max_seq_len // block_size)
         self.blocks = BlockManager(num_blocks, block_size, num_slots, self.max_blocks_per_seq, watermark_blocks)
@@ -130,7 +177,8 @@ class Scheduler:
 
     # ---- requests in and out -------------------------------------------------------------------------------
     def check(self, request: Request) -> str | None:
-        """Why `request` can never be served, as a message naming it, what was expected and what was found."""
+        """Why `request` can never be served, as a message naming it, what was expected and what was found: its
+        id already in flight (this scheduler's state), else servable.request_problem against self.limits."""
         rid = request.request_id
         head = f"request {rid!r} rejected:"
         n = request.params.n
@@ -139,37 +187,8 @@ class Scheduler:
         if isinstance(n, int) and n > 1 and any(f"{rid}/{k}" in self.live for k in range(n)):
             return f"{head} request_id: expected one whose sample ids {rid!r}/k are not in flight, found a " \
                    f"running request with such an id"
-        prompt = request.prompt_ids
-        if len(prompt) == 0:
-            return f"{head} prompt_ids: expected at least 1 token, found an empty prompt"
-        arr = np.asarray(prompt)
-        if arr.ndim != 1 or arr.dtype.kind not in "iu":
-            return f"{head} prompt_ids: expected a flat sequence of integer token ids, found dtype {arr.dtype}, " \
-                   f"shape {arr.shape}"
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi >= self.vocab_size:
-            bad = int(arr[(arr < 0) | (arr >= self.vocab_size)][0])
-            pos = int(np.flatnonzero(arr == bad)[0])
-            return f"{head} prompt_ids: expected token ids in [0, vocab_size={self.vocab_size}), found {bad} " \
-                   f"at position {pos}"
-        problems = request.params.problems(self.vocab_size)
-        if isinstance(n, int) and n > self.max_batch_size:
-            problems.append(f"n: expected at most max_batch_size={self.max_batch_size} samples, found {n}")
-        if problems:
-            return f"{head} " + "; ".join(problems)
-        total = len(prompt) + request.params.max_new_tokens
-        if total > self.max_seq_len:
-            return f"{head} prompt ({len(prompt)} tokens) + max_new_tokens ({request.params.max_new_tokens}) = " \
-                   f"{total} tokens, expected at most max_seq_len={self.max_seq_len}"
-        # At its longest a sequence caches prompt + max_new_tokens - 1 tokens (the last token is never fed back),
-        # and after a preemption it must be re-admitted with that many, watermark included.
-        peak = self.blocks.blocks_for(total - 1)
-        usable = self.blocks.num_blocks - self.blocks.watermark_blocks
-        if peak > usable:
-            return f"{head} prompt ({len(prompt)} tokens) + max_new_tokens ({request.params.max_new_tokens}) " \
-                   f"needs {peak} KV blocks of {self.blocks.block_size} tokens, expected at most the pool's " \
-                   f"{usable} (num_blocks={self.blocks.num_blocks} - watermark={self.blocks.watermark_blocks})"
-        return None
+        problem = request_problem(request, self.limits)
+        return None if problem is None else f"{head} {problem}"
 
     def add(self, request: Request, arrival_time: float) -> list[RequestOutput]:
         """Queue `request`: one output per sample (SamplingParams.n), in sample order.
@@ -181,7 +200,7 @@ class Scheduler:
             else request.prompt_ids.tolist()
         rid = request.request_id
         p = request.params
-        n = p.n if isinstance(p.n, int) and 1 <= p.n <= self.max_batch_size else 1
+        n = num_samples(p, self.limits)
         if n == 1:
             outputs = [RequestOutput(request_id=rid, prompt_ids=prompt, arrival_time=arrival_time)]
         else:
@@ -203,17 +222,15 @@ class Scheduler:
             rng = None
             if not p.greedy:
                 rng = random.Random(p.seed + k if p.seed is not None else self._seed_rng.getrandbits(64))
-            seq = Sequence(output.request_id, p, output, stop_ids, rng, rid if n > 1 else None)
+            # Sample 0 queues and prefills the prompt; the others wait on it to fork.
+            seq = Sequence(output.request_id, p, output, stop_ids, rng, rid if n > 1 else None,
+                           WAITING if k == 0 else FORK_PENDING)
             self.live[seq.request_id] = seq
             seqs.append(seq)
-        first = seqs[0]
-        self.waiting.append(first)
+        self.waiting.append(seqs[0])
         if n > 1:
             self.groups[rid] = seqs
-            first.children = seqs[1:]
-            for seq in first.children:
-                seq.parent = first
-            self._num_parents += 1
+            self._wait_on(seqs[0], seqs[1:])
         return outputs
 
     def cancel(self, request_id: str) -> list[RequestOutput]:
@@ -224,89 +241,203 @@ class Scheduler:
         """
         seq = self.live.get(request_id)
         if seq is not None:
-            self._end(seq, "cancelled", time.perf_counter())
+            self.end([seq], "cancelled")
             return [seq.output]
         group = self.groups.get(request_id)
         if group is None:
             return []
-        now = time.perf_counter()
-        ended = []
-        for seq in reversed(group):  # waiting samples first, so sample 0 ends with nobody to hand its prompt to
-            if not seq.finished:
-                self._end(seq, "cancelled", now)
-                ended.append(seq.output)
-        ended.reverse()
-        return ended
+        # Waiting samples first, so that sample 0 ends with nobody to hand its prompt to.
+        ending = [seq for seq in reversed(group) if not seq.finished]
+        self.end(ending, "cancelled")
+        return [seq.output for seq in reversed(ending)]
 
     def fail(self, seqs: list[Sequence], message: str) -> None:
         """End `seqs` with finish_reason "error" (an executor failure in their step); the others go on."""
-        now = time.perf_counter()
-        for seq in seqs:
-            if not seq.finished:
-                self._end(seq, "error", now, message)
+        self.end([seq for seq in seqs if not seq.finished], "error", message)
 
-    def _end(self, seq: Sequence, reason: str, now: float, error: str | None = None) -> None:
-        """End a sequence wherever it is (running, waiting, or waiting to fork from its parent)."""
-        at = 0
-        if seq.state_slot >= 0:
-            self.running.remove(seq)
-        elif seq.parent is not None:
-            seq.parent.children.remove(seq)
-            if not seq.parent.children:
-                self._num_parents -= 1
-            seq.parent = None
+    def fail_forked(self, step: ScheduledStep, message: str) -> list[Sequence]:
+        """End the samples `step` forked with finish_reason "error" (copying their caches failed) and take their
+        rows out of the step's sampling; returns them. Their parents and the rest of the step go on."""
+        first = len(step.sample_seqs) - step.num_forked
+        forked = step.sample_seqs[first:]
+        del step.sample_seqs[first:]
+        del step.sample_rows[len(step.sample_rows) - step.num_forked:]
+        step.num_forked = 0
+        self.fail(forked, message)
+        return forked
+
+    def end(self, seqs: list[Sequence], reason: str, error: str | None = None) -> None:
+        """End each of `seqs` (none finished yet) now, wherever it is, with `reason` (one of FINISH_REASONS): its
+        state slot and KV blocks are free for the next schedule."""
+        now = time.perf_counter()
+        any_running = False
+        for seq in seqs:
+            any_running |= seq.status is RUNNING
+            self._finish(seq, reason, now, error)
+        if any_running:
+            self._drop_finished()
+
+    # ---- moves between queues: the only code that sets Sequence.status ---------------------------------------
+    @staticmethod
+    def _set_status(seq: Sequence, status: SequenceStatus) -> None:
+        assert status in NEXT_STATUS[seq.status], f"{seq.request_id}: {seq.status.name} -> {status.name}"
+        seq.status = status
+
+    def _admit(self, num_tokens: int) -> Sequence:
+        """WAITING -> RUNNING: the front of the queue gets a state slot and the blocks for its `num_tokens`
+        tokens (the caller checked they are free) and runs from context_len 0."""
+        seq = self.waiting.popleft()
+        self._set_status(seq, RUNNING)
+        slot = self.slots.allocate()
+        self.blocks.open(slot)
+        self.blocks.grow(slot, num_tokens)
+        seq.state_slot = slot
+        seq.num_computed = 0  # a fresh start in a possibly reused slot: context_len 0 zeroes its state
+        self.running.append(seq)
+        return seq
+
+    def _fork(self, child: Sequence, parent: Sequence, num_tokens: int) -> tuple[int, list[tuple[int, int]]] | None:
+        """FORK_PENDING -> RUNNING: `child` gets a slot (copy of `parent`'s) and shares/copies its KV blocks for
+        `num_tokens` tokens; returns (the parent's slot, the block copies), or None (nothing taken) when no slot
+        or block is free for it or the batch is full."""
+        if len(self.running) >= self.max_batch_size or not self.slots.num_free:
+            return None
+        src, slot = self.slots.fork(parent.state_slot)
+        copies = self.blocks.fork(parent.state_slot, slot, num_tokens)
+        if copies is None:
+            self.slots.free(slot)
+            return None
+        self._set_status(child, RUNNING)
+        child.parent = None
+        child.state_slot = slot
+        child.num_computed = num_tokens
+        self.running.append(child)
+        return src, copies
+
+    def _preempt(self, seq: Sequence) -> None:
+        """RUNNING -> WAITING, recompute preemption: drop the caches, requeue at the front with prompt + generated
+        as the prompt."""
+        self._set_status(seq, WAITING)
+        if self.running[-1] is seq:
+            self.running.pop()
         else:
-            at = self.waiting.index(seq)
-            del self.waiting[at]
-        if seq.children:
-            # Its prompt is not done yet: the next sample takes over its place in the queue and the rest of the
-            # group (a running sequence was admitted before anyone waiting: the front).
-            heir, *rest = seq.children
-            seq.children = []
-            heir.parent = None
-            heir.children = rest
-            for s in rest:
-                s.parent = heir
-            if not rest:
-                self._num_parents -= 1
-            self.waiting.insert(at, heir)
-        self._finish(seq, reason, now, error)
+            self.running.remove(seq)
+        self._free_slot(seq)
+        seq.num_computed = 0
+        seq.output.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _hand_over(self, samples: list[Sequence], at: int) -> None:
+        """FORK_PENDING -> WAITING for the first of `samples` (pending samples of one prompt whose parent will not
+        prefill it for them): it queues at position `at` to prefill the prompt itself, the rest wait on it."""
+        heir, *rest = samples
+        self._set_status(heir, WAITING)
+        heir.parent = None
+        self.waiting.insert(at, heir)
+        if rest:
+            self._wait_on(heir, rest)
+
+    def _wait_on(self, parent: Sequence, samples: list[Sequence]) -> None:
+        """`samples` (FORK_PENDING) fork from `parent`'s prefill when it completes."""
+        parent.children = samples
+        for s in samples:
+            s.parent = parent
+        self._num_parents += 1
+
+    def _take_children(self, parent: Sequence) -> list[Sequence]:
+        children = parent.children
+        parent.children = []
+        self._num_parents -= 1
+        return children
 
     def _finish(self, seq: Sequence, reason: str, now: float, error: str | None = None) -> None:
-        if seq.state_slot >= 0:
-            self.blocks.free(seq.state_slot)
-            self.slots.free(seq.state_slot)
-            seq.state_slot = -1
-        seq.finished = True
+        """Any status -> FINISHED: the one way a sequence ends. It leaves `waiting` or its parent's `children` here;
+        a RUNNING one stays in `running` until the caller's _drop_finished (one pass for all that end in a step).
+        Samples still waiting on its prefill hand over to the next of them; slot and blocks are freed at once."""
+        assert reason in FINISH_REASONS, reason
+        status = seq.status
+        self._set_status(seq, FINISHED)
+        at = 0  # where an heir queues: a running sequence was admitted before anyone waiting, so the front
+        if status is RUNNING:
+            self._free_slot(seq)
+        elif status is WAITING:
+            at = self.waiting.index(seq)
+            del self.waiting[at]
+        else:
+            siblings = seq.parent.children
+            siblings.remove(seq)
+            if not siblings:
+                self._num_parents -= 1
+            seq.parent = None
+        if seq.children:
+            self._hand_over(self._take_children(seq), at)
         del self.live[seq.request_id]
         if seq.group is not None:
-            self._end_group_member(seq.group)
+            group = self.groups.get(seq.group)
+            if group is not None and all(s.status is FINISHED for s in group):
+                del self.groups[seq.group]
         out = seq.output
         out.finish_reason = reason
         out.error = error
         out.finish_time = now
 
-    def _end_group_member(self, group: str) -> None:
-        seqs = self.groups.get(group)
-        if seqs is not None and all(s.finished for s in seqs):
-            del self.groups[group]
+    def _drop_finished(self) -> None:
+        self.running = [s for s in self.running if s.status is RUNNING]
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Recompute preemption: drop the caches, requeue at the front with prompt + generated as the prompt."""
-        if self.running[-1] is seq:
-            self.running.pop()
-        else:
-            self.running.remove(seq)
+    def _free_slot(self, seq: Sequence) -> None:
         self.blocks.free(seq.state_slot)
         self.slots.free(seq.state_slot)
         seq.state_slot = -1
-        seq.num_computed = 0
-        seq.output.num_preemptions += 1
-        self.waiting.appendleft(seq)
 
     @property
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
+
+    def check_invariants(self) -> None:
+        """Between steps: every live sequence is in exactly the one place its status names and owns what that
+        status owns (a slot and blocks only while RUNNING), the fork bookkeeping agrees, and the cache managers'
+        own invariants hold. O(live + pools); for tests. Raises AssertionError naming the sequence."""
+        self.blocks.check_invariants()
+        self.slots.check_invariants()
+        placed: dict[int, str] = {}
+
+        def place(seq: Sequence, status: SequenceStatus, where: str) -> None:
+            if id(seq) in placed:
+                raise AssertionError(f"{seq.request_id} is in {placed[id(seq)]} and in {where}")
+            placed[id(seq)] = where
+            if seq.status is not status:
+                raise AssertionError(f"{seq.request_id} is in {where} with status {seq.status.name}")
+            if (seq.state_slot >= 0) != (status is RUNNING):
+                raise AssertionError(f"{seq.request_id} ({status.name}) has state slot {seq.state_slot}")
+            if (seq.parent is not None) != (status is FORK_PENDING):
+                raise AssertionError(f"{seq.request_id} ({status.name}) has parent {seq.parent}")
+            if seq.children and seq.num_computed >= len(seq.tokens):
+                raise AssertionError(f"{seq.request_id} has samples waiting on a prompt it has already prefilled")
+
+        if len(self.running) > self.max_batch_size:
+            raise AssertionError(f"{len(self.running)} running sequences, max_batch_size={self.max_batch_size}")
+        for seq in self.running:
+            place(seq, RUNNING, "running")
+        for seq in self.waiting:
+            place(seq, WAITING, "waiting")
+        parents = [seq for seq in (*self.running, *self.waiting) if seq.children]
+        for parent in parents:
+            for child in parent.children:
+                place(child, FORK_PENDING, f"{parent.request_id}'s children")
+                if child.parent is not parent or child.children:
+                    raise AssertionError(f"{child.request_id} waits on {parent.request_id} but its parent is "
+                                         f"{child.parent and child.parent.request_id}, its children "
+                                         f"{[c.request_id for c in child.children]}")
+        if sorted(placed) != sorted(id(seq) for seq in self.live.values()):
+            raise AssertionError("the sequences in running, waiting and children are not exactly the live ones")
+        if self._num_parents != len(parents):
+            raise AssertionError(f"_num_parents={self._num_parents}, {len(parents)} sequences have children")
+        in_use = set(np.flatnonzero(self.slots.in_use).tolist())
+        if in_use != {seq.state_slot for seq in self.running}:
+            raise AssertionError(f"slots in use {sorted(in_use)} are not the running sequences' slots")
+        for rid, group in self.groups.items():
+            if all(seq.finished for seq in group):
+                raise AssertionError(f"group {rid!r} has ended but is still listed")
 
     # ---- one step ------------------------------------------------------------------------------------------
     def schedule(self) -> ScheduledStep | None:
@@ -335,7 +466,7 @@ class Scheduler:
                     num_preempted += 1
                     if victim is seq:
                         break
-                if seq.state_slot < 0:
+                if seq.status is not RUNNING:
                     continue  # preempted itself: running[i] is now the next sequence
             seqs.append(seq)
             i += 1
@@ -346,7 +477,7 @@ class Scheduler:
         for seq in prefilling:
             if budget <= 0:
                 break
-            if seq.state_slot < 0:
+            if seq.status is not RUNNING:
                 continue  # preempted above
             n = min(len(seq.tokens) - seq.num_computed, budget)
             seqs.append(seq)
@@ -356,17 +487,10 @@ class Scheduler:
         if not num_preempted:
             waiting = self.waiting
             while waiting and budget > 0 and len(running) < self.max_batch_size and self.slots.num_free:
-                seq = waiting[0]
-                pending = len(seq.tokens)
+                pending = len(waiting[0].tokens)
                 if not blocks.can_allocate(blocks.blocks_for(pending), admission=True):
                     break  # first come first served: a later, smaller request does not overtake
-                waiting.popleft()
-                slot = self.slots.allocate()
-                blocks.open(slot)
-                blocks.grow(slot, pending)
-                seq.state_slot = slot
-                seq.num_computed = 0  # a fresh start in a possibly reused slot: context_len 0 zeroes its state
-                running.append(seq)
+                seq = self._admit(pending)
                 n = min(pending, budget)
                 seqs.append(seq)
                 num_new.append(n)
@@ -399,41 +523,25 @@ class Scheduler:
         if step.sample_seqs is seqs:
             step.sample_seqs = list(seqs)
         rows, sample_seqs = step.sample_rows, step.sample_seqs
-        running, slots, blocks = self.running, self.slots, self.blocks
         for r in list(rows):
             parent = seqs[r]
             if not parent.children:
                 continue
-            children = parent.children
-            parent.children = []
-            self._num_parents -= 1
             num_tokens = parent.num_computed + num_new[r]  # the whole prompt, in the caches after this step
             left: list[Sequence] = []
-            for child in children:
-                child.parent = None
-                if len(running) < self.max_batch_size and slots.num_free:
-                    src, slot = slots.fork(parent.state_slot)
-                    copies = blocks.fork(parent.state_slot, slot, num_tokens)
-                    if copies is not None:
-                        slot_pairs.append((src, slot))
-                        block_pairs.extend(copies)
-                        child.state_slot = slot
-                        child.num_computed = num_tokens
-                        running.append(child)
-                        rows.append(r)
-                        sample_seqs.append(child)
-                        step.num_forked += 1
-                        continue
-                    slots.free(slot)
-                left.append(child)
+            for child in self._take_children(parent):
+                forked = self._fork(child, parent, num_tokens)
+                if forked is None:
+                    left.append(child)
+                    continue
+                src, copies = forked
+                slot_pairs.append((src, child.state_slot))
+                block_pairs.extend(copies)
+                rows.append(r)
+                sample_seqs.append(child)
+                step.num_forked += 1
             if left:
-                heir, *rest = left
-                heir.children = rest
-                for s in rest:
-                    s.parent = heir
-                if rest:
-                    self._num_parents += 1
-                self.waiting.appendleft(heir)
+                self._hand_over(left, 0)
         return slot_pairs, block_pairs
 
     def build_batch(self, seqs: list[Sequence], num_new: list[int], num_decode: int) -> StepBatch:
@@ -474,8 +582,10 @@ class Scheduler:
                now: float) -> list[Sequence]:
         """Advance the caches' bookkeeping and append sampled tokens; returns the sequences that got a token.
 
-        token_ids[j] (and logprobs[j]) belong to step.sample_seqs[j]. Finished sequences release their
-        blocks and slot here, before the next schedule.
+        token_ids[j] (and logprobs[j]) belong to step.sample_seqs[j]. A sequence that ends with its token (stop,
+        length) is finished here: its blocks and slot are free for the next schedule's admissions. Another reason
+        to end a trace in the step of its token (say, its confidence falling below a threshold) is one more
+        branch beside these two, with its own finish reason (request.FINISH_REASONS).
         """
         seqs, num_new = step.seqs, step.num_new
         for seq, n in zip(seqs, num_new):
@@ -494,15 +604,11 @@ class Scheduler:
                 out.logprobs.append(logprobs[j])
             sampled.append(seq)
             if token in seq.stop_ids:
-                self._finish_running(seq, "stop", now)
+                self._finish(seq, "stop", now)
                 any_finished = True
             elif len(generated) >= seq.max_new_tokens:
-                self._finish_running(seq, "length", now)
+                self._finish(seq, "length", now)
                 any_finished = True
         if any_finished:
-            self.running = [s for s in self.running if not s.finished]
+            self._drop_finished()
         return sampled
-
-    def _finish_running(self, seq: Sequence, reason: str, now: float) -> None:
-        # Leaves `running` to the caller's single rebuild (finishing many sequences in one step stays O(batch)).
-        self._finish(seq, reason, now)
