@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from trtfalcon.cli import main
 from trtfalcon.config import preset
 from trtfalcon.errors import ConfigError
-from trtfalcon.runtime.backends import RuntimeOptions, _default_num_blocks, create_executor, runtime_limits
+from trtfalcon.runtime.backends import RuntimeOptions, default_kv_blocks, create_executor, runtime_limits
 from trtfalcon.runtime.contract import CacheSpec
 
 
@@ -36,11 +36,11 @@ def test_limits_are_capped_by_the_executor():
 def test_default_kv_pool_fits_the_memory_left():
     opts = RuntimeOptions(max_batch_size=64, block_size=16)
     full = 64 * 2048 // 16
-    assert _default_num_blocks(opts, 2048, 1000, 0, None, "cpu") == full  # unknown memory: full length
-    assert _default_num_blocks(opts, 2048, 1000, 0, 10**12, "cpu") == full
-    assert _default_num_blocks(opts, 2048, 1000, 0, 2_000_000, "cuda") == int(0.9 * 2_000_000) // 1000
+    assert default_kv_blocks(opts, 2048, 1000, 0, None, "cpu") == full  # unknown memory: full length
+    assert default_kv_blocks(opts, 2048, 1000, 0, 10**12, "cpu") == full
+    assert default_kv_blocks(opts, 2048, 1000, 0, 2_000_000, "cuda") == int(0.9 * 2_000_000) // 1000
     with pytest.raises(ConfigError, match="one sequence needs 128 KV blocks .* lower --max-seq-len"):
-        _default_num_blocks(opts, 2048, 1000, 50_000, 100_000, "cuda")
+        default_kv_blocks(opts, 2048, 1000, 50_000, 100_000, "cuda")
 
 
 @pytest.mark.parametrize("backend, opts, flag", [

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from trtfalcon import __version__
+from trtfalcon.runtime.options import RuntimeOptions
 
 DTYPE_CHOICE = click.Choice(["bf16", "fp16", "fp32"])
 
@@ -248,47 +249,24 @@ def export(checkpoint: Path, out_dir: Path, dtype: str | None, opset: int, kv_dt
 
 
 # ------------------------------------------------------------------------------------------------------ generate
-def runtime_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by every command that runs the runtime (generate, bench)."""
-    opts = [
-        click.option("--max-batch-size", default=64, show_default=True, type=click.IntRange(min=1),
-                     help="Sequences per step (in-flight batch), also the number of Mamba state slots."),
-        click.option("--max-num-tokens", default=512, show_default=True, type=click.IntRange(min=1),
-                     help="Tokens per step: decode tokens + prefill chunks."),
-        click.option("--max-seq-len", default=None, type=click.IntRange(min=2),
-                     help="Prompt + output limit per request [default: the model's, capped at 4096 on CPU]."),
-        click.option("--block-size", default=16, show_default=True, type=click.IntRange(min=1),
-                     help="Tokens per paged-KV block."),
-        click.option("--num-blocks", default=None, type=click.IntRange(min=1),
-                     help="KV blocks in the pool [default: every sequence at full length]. Fewer forces preemption."),
-        click.option("--ssm-state-dtype", "ssm_dtype", type=click.Choice(["fp32", "bf16"]), default="fp32",
-                     show_default=True, help="Dtype of the Mamba SSM state pool."),
-        click.option("--kv-cache-dtype", "kv_dtype", type=click.Choice(["auto", "fp8"]), default="auto",
-                     show_default=True,
-                     help="KV cache pool: auto = the compute dtype (torch) or what the export/engine takes; fp8 = "
-                          "E4M3 with the checkpoint's per-layer k/v scales (`quantize --kv-cache-dtype fp8`)."),
-        click.option("--kernels", type=click.Choice(["auto", "torch", "reference", "triton"]), default="auto",
-                     show_default=True,
-                     help="Plugin ops: triton = the Triton kernels (CUDA; Triton's interpreter on CPU, slow); "
-                          "torch = vectorized torch; reference = the loop references (oracle). "
-                          "auto = triton on CUDA, torch on CPU."),
-        click.option("--device", default="cpu", show_default=True, help="torch device of the torch backend."),
-        click.option("--dtype", type=DTYPE_CHOICE, default=None,
-                     help="Compute dtype [default: the checkpoint's; fp32 for an HF checkpoint]."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
+def runtime_option_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The runtime's sizing options (generate, bench, serve triton): one per RuntimeOptions field that has a flag,
+    with the field's default and help (runtime/options.py)."""
+    defaults = RuntimeOptions()
+    for name, flag in reversed(RuntimeOptions.flags().items()):
+        default = getattr(defaults, name)
+        if default is None and flag.none is not None:
+            default = flag.none
+        kind = click.Choice(list(flag.choices)) if flag.choices else (
+            click.IntRange(min=flag.min) if flag.min is not None else None)
+        fn = click.option(flag.name, name, type=kind, default=default, show_default=default is not None,
+                          help=flag.help)(fn)
     return fn
 
 
-def _runtime_opts(kw: dict[str, Any]):
-    from trtfalcon.runtime.backends import RuntimeOptions
-
-    keys = ("max_batch_size", "max_num_tokens", "max_seq_len", "block_size", "num_blocks", "ssm_dtype", "kv_dtype",
-            "kernels", "device", "dtype")
-    values = {k: kw.pop(k) for k in keys}
-    values["kv_dtype"] = None if values["kv_dtype"] == "auto" else values["kv_dtype"]  # None: as before the option
-    opts = RuntimeOptions(**values)
+def _pop_runtime_options(kw: dict[str, Any]) -> RuntimeOptions:
+    """Take runtime_option_flags' values out of a command's keyword arguments, as RuntimeOptions."""
+    opts = RuntimeOptions.from_flags({name: kw.pop(name) for name in RuntimeOptions.flags()})
     if opts.kernels == "triton" and opts.device == "cpu":
         import os
 
@@ -322,7 +300,7 @@ def _runtime_opts(kw: dict[str, Any]):
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt", "reference"]), default="torch", show_default=True,
               help="torch: the in-flight-batching runtime; onnxruntime: the same runtime over an fp32 export "
                    "directory (`trtfalcon export`); reference: the unbatched oracle model, one prompt at a time.")
-@runtime_options
+@runtime_option_flags
 @click.option("--json", "as_json", is_flag=True, help='One JSON object per prompt (per sample with --n): {"token_ids": [...], ...}.')
 @handle_errors
 def generate(checkpoint: Path, prompt_ids: str | None, prompts_file: Path | None, max_new_tokens: int,
@@ -343,7 +321,7 @@ def generate(checkpoint: Path, prompt_ids: str | None, prompts_file: Path | None
     """
     from trtfalcon.runtime.prompts import load_prompts
 
-    opts = _runtime_opts(kw)
+    opts = _pop_runtime_options(kw)
     prompts = load_prompts(prompt_ids, prompts_file, max_new_tokens)
     if backend == "reference":
         # the oracle is plain greedy / temperature sampling over dense caches: refuse what it would silently drop
@@ -450,7 +428,7 @@ def _generate_reference(checkpoint: Path, prompts, opts, temperature: float, see
 @click.option("--seed", default=0, show_default=True, help="Seed of the synthetic dataset.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/bench"), show_default=True,
               help="Where report.json and throughput.png go.")
-@runtime_options
+@runtime_option_flags
 @handle_errors
 def bench(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev: float, osl_stdev: float,
           num_requests: int | None, concurrencies: tuple[int, ...], warmup: int | None, backend: str, seed: int,
@@ -477,7 +455,7 @@ def bench(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev:
     concurrencies = concurrencies or (32, 64)
     kw["max_batch_size"] = max(max(concurrencies), kw["max_batch_size"])
     kw["max_num_tokens"] = max(kw["max_num_tokens"], kw["max_batch_size"])
-    opts = _runtime_opts(kw)
+    opts = _pop_runtime_options(kw)
     console = Console(stderr=True)
     executor, cfg = create_executor(backend, checkpoint, opts)
     lim = runtime_limits(executor, opts, cfg)
@@ -671,7 +649,7 @@ def serve() -> None:
               help="Largest top-k of log-probs a request may ask for.")
 @click.option("--seed", default=0, show_default=True, help="Engine seed for sampled requests that send no seed.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT/MODEL_NAME if it exists.")
-@runtime_options
+@runtime_option_flags
 @handle_errors
 def serve_triton(engine_dir: Path | None, checkpoint_dir: Path | None, out_dir: Path, backend: str | None,
                  model_name: str, instances_per_gpu: int, gpus: str | None, tokenizer_dir: Path | None,
@@ -706,7 +684,7 @@ def serve_triton(engine_dir: Path | None, checkpoint_dir: Path | None, out_dir: 
                                      param_hint="--gpus") from None
         if not gpu_ids or min(gpu_ids) < 0 or len(set(gpu_ids)) != len(gpu_ids):
             raise click.BadParameter(f"expected distinct GPU ids >= 0 such as 0,1, found {gpus!r}", param_hint="--gpus")
-    opts = _runtime_opts(kw)
+    opts = _pop_runtime_options(kw)
     if opts.device != "cpu" and not gpu_ids:
         raise click.BadParameter(f"each instance's device comes from --gpus; found --device {opts.device} without "
                                  "--gpus", param_hint="--device")

@@ -36,7 +36,7 @@ import numpy as np
 
 from trtfalcon.errors import RequestError
 from trtfalcon.runtime.request import Request, StreamDelta, TokenLogprobs
-from trtfalcon.serve.repository import ServeSettings, runtime_options
+from trtfalcon.serve.repository import ServeSettings, instance_runtime_options
 from trtfalcon.serve.requests import ParsedRequest, parse_request, serve_limits
 from trtfalcon.serve.text import TextStream, ThreadLocalTokenizer, load_tokenizer
 
@@ -70,7 +70,7 @@ class ServedModel:
         self.pb = pb
         self.name = name
         self.settings = settings
-        opts = runtime_options(settings.runtime, device)
+        opts = instance_runtime_options(settings.runtime, device)
         model_dir = settings.resolve(version_dir, "model_dir")
         executor, cfg = create_executor(settings.backend, model_dir, opts)
         self.config = cfg
