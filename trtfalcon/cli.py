@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from trtfalcon import __version__
+from trtfalcon.progress import progress_bar, progress_messages
 from trtfalcon.runtime.options import RuntimeOptions
 
 DTYPE_CHOICE = click.Choice(["bf16", "fp16", "fp32"])
@@ -33,17 +34,6 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}") from e
 
     return wrapper
-
-
-def _progress(total: int, description: str):
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), TextColumn("{task.fields[tensor]}"), transient=False, disable=not sys.stderr.isatty(),
-    )
-    task = progress.add_task(description, total=total, tensor="")
-    return progress, task
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -94,7 +84,7 @@ def synth(preset: str, out_dir: Path, seed: int, dtype: str, max_shard_size: str
     cfg = FalconH1Config.from_hf_dict(cfg_dict)
     elem = 2 if dtype != "fp32" else 4
     total = sum(_numel(s) * elem for s in hf_tensor_shapes(cfg).values())
-    progress, task = _progress(total, f"synth {preset}")
+    progress, task = progress_bar(total, f"synth {preset}")
     with progress:
         synth_checkpoint(
             cfg_dict, out_dir, seed=seed, dtype=dtype, max_shard_bytes=_parse_size(max_shard_size), overwrite=overwrite,
@@ -130,7 +120,7 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str, max_shard_size: str, overwr
     state: dict[str, Any] = {}
 
     def start(total: int) -> None:
-        state["progress"], state["task"] = _progress(total, "convert")
+        state["progress"], state["task"] = progress_bar(total, "convert")
         state["progress"].start()
 
     try:
@@ -235,7 +225,7 @@ def export(checkpoint: Path, out_dir: Path, dtype: str | None, opset: int, kv_dt
 
     def progress(name: str, done: int, total: int) -> None:
         if "progress" not in state:
-            state["progress"], state["task"] = _progress(total, "export")
+            state["progress"], state["task"] = progress_bar(total, "export")
             state["progress"].start()
         state["progress"].update(state["task"], completed=done, tensor=name)
 
@@ -572,49 +562,14 @@ def plugins_compile(archs: tuple[str, ...], out_dir: Path, preset: str, checkpoi
     \b
     Example:  trtfalcon plugins compile --arch sm_90 --arch sm_100 --out runs/kernels
     """
-    _print_kernel_report(_compile_kernels(list(archs), out_dir, preset, checkpoint, overwrite))
-
-
-def _compile_kernels(archs: list[str], out_dir: Path, preset: str, checkpoint: Path | None, overwrite: bool):
-    import os
-
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise click.ClickException("unset TRITON_INTERPRET: ahead-of-time compilation needs Triton's compiler")
-    from trtfalcon.checkpoint.safetensors_io import atomic_output_dir
     from trtfalcon.config import FalconH1Config
     from trtfalcon.config import preset as get_preset
-    from trtfalcon.plugins.aot import compile_all, spilling
+    from trtfalcon.plugins.aot import compile_kernels, print_kernel_report
 
     cfg = FalconH1Config.from_json_file(checkpoint) if checkpoint else get_preset(preset)
-    progress, task = _progress(0, "compile")
-    with progress, atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        manifest = compile_all(archs, tmp, progress=lambda msg: progress.update(task, tensor=msg), config=cfg)
-    bad = spilling(manifest)
-    if bad:
-        _print_kernel_report(manifest)
-        raise click.ClickException(f"{len(bad)} kernel(s) spill registers: {', '.join(r['plugin'] for r in bad)}")
-    manifest["out_dir"] = str(out_dir)
-    return manifest
-
-
-def _print_kernel_report(manifest) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from trtfalcon.plugins.aot import REPORT_COLUMNS, report_rows
-
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)
-    cols = [c for c in REPORT_COLUMNS if c != "grid"]  # grids are shape expressions: in each kernel's JSON
-    t = Table(title=f"plugin kernels: {', '.join(manifest['archs'])}")
-    for col in cols:
-        t.add_column(col, justify="left" if col in ("arch", "plugin", "config") else "right")
-    for row in report_rows(manifest):
-        t.add_row(*("-" if row[c] is None else str(row[c]) for c in cols))
-    console.print(t)
-    if "out_dir" in manifest:
-        click.echo(f"wrote {len(manifest['kernels'])} kernels to {manifest['out_dir']}")
+    with progress_messages("compile") as progress:
+        manifest = compile_kernels(list(archs), out_dir, config=cfg, overwrite=overwrite, progress=progress)
+    print_kernel_report(manifest, out_dir)
 
 
 # ------------------------------------------------------------------------------------------------------ serve
@@ -717,7 +672,8 @@ def demo(out_dir: Path, isl: int, osl: int, skip_kernels: bool) -> None:
     """
     from trtfalcon.demo import run_demo
 
-    run_demo(out_dir, isl=isl, osl=osl, compile_kernels=not skip_kernels)
+    run_demo(out_dir, isl=isl, osl=osl, compile_kernels=not skip_kernels, echo=click.echo,
+             heading=lambda text: click.secho(text, bold=True))
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
