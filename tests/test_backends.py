@@ -55,6 +55,18 @@ def test_options_a_backend_cannot_honour_are_errors(tmp_path, backend, opts, fla
         create_executor(backend, tmp_path, opts)
 
 
+def test_engine_from_options_is_sized_by_the_options_and_the_executor(tmp_path):
+    from trtfalcon.runtime.backends import RuntimeLimits
+    from trtfalcon.runtime.llm import LLMEngine
+
+    opts = RuntimeOptions(max_batch_size=4, max_num_tokens=16, max_seq_len=64)
+    engine = LLMEngine.from_options("torch", _synth(tmp_path), opts, seed=3)
+    assert engine.limits == RuntimeLimits(4, 16, 64) and engine.options is opts and engine.config.vocab_size == 256
+    s = engine.scheduler
+    assert (s.max_batch_size, s.max_num_tokens, s.max_seq_len) == (4, 16, 64)
+    assert s.eos_token_ids == frozenset(engine.config.eos_token_id) and engine.executor.cache_spec.num_slots == 4
+
+
 def _synth(tmp_path):
     hf = tmp_path / "hf"
     assert CliRunner().invoke(main, ["synth", "--preset", "tiny", "--out", str(hf), "--dtype", "fp32"]).exit_code == 0

@@ -310,6 +310,7 @@ def generate(checkpoint: Path, prompt_ids: str | None, prompts_file: Path | None
       trtfalcon generate runs/tiny-deploy --prompt-ids 1,2,3 --n 8 --temperature 0.6 --top-p 0.95 --json
     """
     from trtfalcon.runtime.prompts import load_prompts
+    from trtfalcon.runtime.request import Request, SamplingParams
 
     opts = _pop_runtime_options(kw)
     prompts = load_prompts(prompt_ids, prompts_file, max_new_tokens)
@@ -322,54 +323,27 @@ def generate(checkpoint: Path, prompt_ids: str | None, prompts_file: Path | None
         if unused:
             raise click.UsageError(f"{', '.join(unused)}: not supported by --backend reference (greedy or "
                                    "temperature sampling only); use --backend torch")
-        results = _generate_reference(checkpoint, prompts, opts, temperature, seed, ignore_eos)
-        samples: list[tuple[int, int | None]] = [(i, None) for i in range(len(prompts))]
+        outputs = _generate_reference(checkpoint, prompts, opts, temperature, seed, ignore_eos)
     else:
-        from trtfalcon.runtime.backends import create_executor, runtime_limits
         from trtfalcon.runtime.llm import LLMEngine
-        from trtfalcon.runtime.request import Request, SamplingParams
 
-        executor, cfg = create_executor(backend, checkpoint, opts)
-        lim = runtime_limits(executor, opts, cfg)
-        engine = LLMEngine(executor, max_batch_size=lim.max_batch_size, max_num_tokens=lim.max_num_tokens,
-                           max_seq_len=lim.max_seq_len, eos_token_ids=cfg.eos_token_id, seed=seed)
-        requests = [
+        engine = LLMEngine.from_options(backend, checkpoint, opts, seed=seed)
+        outputs = engine.generate(
             Request(str(i), p.prompt_ids, SamplingParams(
                 max_new_tokens=p.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + i * n,
                 ignore_eos=ignore_eos, logprobs=logprobs, n=n))
             for i, p in enumerate(prompts)
-        ]
-        # (prompt index, sample k or None) per output: n outputs per prompt (1 if the prompt was rejected for n)
-        samples = []
-        outputs = []
-        for i, req in enumerate(requests):
-            outs = engine.add_samples(req)
-            samples += [(i, o.sample_index if o.parent_id is not None else None) for o in outs]
-            outputs += outs
-        while engine.has_work:
-            engine.step()
-        results = []
-        for o in outputs:
-            r: dict[str, Any] = {"token_ids": o.token_ids, "finish_reason": o.finish_reason}
-            if o.error:
-                r["error"] = o.error
-            if o.logprobs is not None:
-                r["logprobs"] = [
-                    {"token_id": lp.token_id, "logprob": lp.logprob, "top_ids": lp.top_ids,
-                     "top_logprobs": lp.top_logprobs} for lp in o.logprobs
-                ]
-            results.append(r)
+        )
     failed = 0
-    for (i, k), r in zip(samples, results):
-        p = prompts[i]
-        failed += "error" in r
+    for o in outputs:  # n per prompt, in order (1 if the prompt was rejected for its n); request ids are indices
+        failed += bool(o.error)
         if as_json:
-            click.echo(json.dumps({"index": i, **({} if k is None else {"sample": k}), "prompt_ids": p.prompt_ids,
-                                   **r}))
-        elif "error" in r:
-            click.echo(f"error: {r['error']}", err=True)
+            sample = {} if o.parent_id is None else {"sample": o.sample_index}
+            click.echo(json.dumps({"index": int(o.parent_id or o.request_id), **sample, **o.to_dict()}))
+        elif o.error:
+            click.echo(f"error: {o.error}", err=True)
         else:
-            click.echo(",".join(map(str, r["token_ids"])))
+            click.echo(",".join(map(str, o.token_ids)))
     if failed:
         raise click.exceptions.Exit(1)
 
@@ -380,22 +354,25 @@ def _generate_reference(checkpoint: Path, prompts, opts, temperature: float, see
     from trtfalcon.model.reference import ReferenceModel
     from trtfalcon.model.weights import load_weights
     from trtfalcon.runtime.prompts import check_servable
+    from trtfalcon.runtime.request import RequestOutput
 
     weights = load_weights(checkpoint, opts.dtype)
     cfg = weights.config
     model = ReferenceModel(weights)
-    results = []
+    outputs = []
     for i, p in enumerate(prompts):
+        out = RequestOutput(str(i), p.prompt_ids)
         try:
             check_servable(p, cfg.vocab_size, opts.resolved_max_seq_len(cfg), f"request {i}")
         except RequestError as e:
-            results.append({"token_ids": [], "finish_reason": "error", "error": str(e)})
-            continue
-        tokens = reference_generate(model, p.prompt_ids, p.max_new_tokens, temperature=temperature, seed=seed + i,
-                                    stop_token_ids=() if ignore_eos else cfg.eos_token_id)
-        stopped = bool(tokens) and tokens[-1] in cfg.eos_token_id and not ignore_eos
-        results.append({"token_ids": tokens, "finish_reason": "stop" if stopped else "length"})
-    return results
+            out.finish_reason, out.error = "error", str(e)
+        else:
+            out.token_ids = reference_generate(model, p.prompt_ids, p.max_new_tokens, temperature=temperature,
+                                               seed=seed + i, stop_token_ids=() if ignore_eos else cfg.eos_token_id)
+            stopped = bool(out.token_ids) and out.token_ids[-1] in cfg.eos_token_id and not ignore_eos
+            out.finish_reason = "stop" if stopped else "length"
+        outputs.append(out)
+    return outputs
 
 
 # ------------------------------------------------------------------------------------------------------ bench
@@ -440,15 +417,15 @@ def bench(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev:
     from trtfalcon.bench.dataset import load_jsonl, token_norm_dist
     from trtfalcon.bench.report import plot, print_table, write_report
     from trtfalcon.bench.throughput import run_concurrency
-    from trtfalcon.runtime.backends import create_executor, runtime_limits
+    from trtfalcon.runtime.llm import LLMEngine
 
     concurrencies = concurrencies or (32, 64)
     kw["max_batch_size"] = max(max(concurrencies), kw["max_batch_size"])
     kw["max_num_tokens"] = max(kw["max_num_tokens"], kw["max_batch_size"])
     opts = _pop_runtime_options(kw)
     console = Console(stderr=True)
-    executor, cfg = create_executor(backend, checkpoint, opts)
-    lim = runtime_limits(executor, opts, cfg)
+    engine = LLMEngine.from_options(backend, checkpoint, opts)  # every level runs on it, its concurrency in flight
+    executor, cfg, lim = engine.executor, engine.config, engine.limits
     too_many = [c for c in concurrencies if c > lim.max_batch_size]
     if too_many:  # reporting a level the executor cannot run as if it had run would mislabel the numbers
         raise click.UsageError(f"--concurrency {too_many[0]}: this {backend} executor runs at most "
@@ -468,8 +445,7 @@ def bench(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev:
             warm = token_norm_dist(w, isl, osl, vocab_size=cfg.vocab_size, seed=seed + 1,
                                    max_seq_len=max_seq_len) if w and not dataset else requests[:w]
             task = progress.add_task(f"concurrency {c}", total=len(requests))
-            r = run_concurrency(executor, warm + requests, concurrency=c, max_num_tokens=lim.max_num_tokens,
-                                max_seq_len=max_seq_len, warmup=len(warm),
+            r = run_concurrency(engine, warm + requests, concurrency=c, warmup=len(warm),
                                 on_finish=lambda o, t=task: progress.advance(t))
             results.append(r)
             for err in r.errors[:3]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from trtfalcon.errors import CheckpointError, TrtFalconError
+from trtfalcon.runtime.options import RuntimeOptions
 
 
 class DemoCheckError(TrtFalconError):
@@ -50,12 +51,8 @@ def step_convert(st: DemoState) -> str:
     return "muP multipliers folded, q/k/v and gate/up fused"
 
 
-def _executor(st: DemoState, backend: str = "torch", path: Path | None = None):
-    from trtfalcon.runtime.backends import RuntimeOptions, create_executor
-
-    opts = RuntimeOptions(max_batch_size=64, max_num_tokens=256, max_seq_len=st.isl + st.osl + 64, block_size=16)
-    executor, cfg = create_executor(backend, path or st.artifacts["deploy checkpoint"], opts)
-    return executor, cfg, opts
+def _options(st: DemoState) -> RuntimeOptions:
+    return RuntimeOptions(max_batch_size=64, max_num_tokens=256, max_seq_len=st.isl + st.osl + 64, block_size=16)
 
 
 def step_generate(st: DemoState) -> str:
@@ -66,9 +63,9 @@ def step_generate(st: DemoState) -> str:
     from trtfalcon.runtime.llm import LLMEngine
     from trtfalcon.runtime.request import Request, SamplingParams
 
-    executor, cfg, opts = _executor(st)
-    engine = LLMEngine(executor, max_batch_size=8, max_num_tokens=64, max_seq_len=opts.max_seq_len or 0)
-    prompts = [r.input_ids for r in token_norm_dist(8, 24, 1, 12, vocab_size=cfg.vocab_size, seed=1)]
+    opts = replace(_options(st), max_batch_size=8, max_num_tokens=64)
+    engine = LLMEngine.from_options("torch", st.artifacts["deploy checkpoint"], opts)
+    prompts = [r.input_ids for r in token_norm_dist(8, 24, 1, 12, vocab_size=engine.config.vocab_size, seed=1)]
     outs = engine.generate(
         [Request(str(i), p, SamplingParams(max_new_tokens=12, ignore_eos=True)) for i, p in enumerate(prompts)]
     )
@@ -99,6 +96,7 @@ def step_export(st: DemoState) -> str:
     import torch
 
     from trtfalcon.export import export_onnx, read_manifest
+    from trtfalcon.runtime.backends import create_executor
     from trtfalcon.runtime.contract import StepBatch
 
     out = export_onnx(st.artifacts["deploy checkpoint"], st.out_dir / "tiny-onnx")
@@ -106,8 +104,8 @@ def step_export(st: DemoState) -> str:
     manifest = read_manifest(out)
     # one prefill step and one decode step through both executors: the graph computes the model
     worst = 0.0
-    torch_ex, _, _ = _executor(st)
-    ort_ex, _, _ = _executor(st, "onnxruntime", out)
+    torch_ex, _ = create_executor("torch", st.artifacts["deploy checkpoint"], _options(st))
+    ort_ex, _ = create_executor("onnxruntime", out, _options(st))
     ids = torch.arange(1, 10, dtype=torch.int32)
     for batch in (
         StepBatch(ids, torch.arange(9, dtype=torch.int32), torch.tensor([0, 9], dtype=torch.int32),
@@ -132,20 +130,21 @@ def step_bench(st: DemoState) -> str:
     from trtfalcon.bench.dataset import token_norm_dist
     from trtfalcon.bench.report import plot, print_table, write_report
     from trtfalcon.bench.throughput import run_concurrency
+    from trtfalcon.runtime.llm import LLMEngine
 
-    backends = [("torch", None, st.out_dir / "bench")]
+    backends = [("torch", st.artifacts["deploy checkpoint"], st.out_dir / "bench")]
     if "ONNX export" in st.artifacts:
         backends.append(("onnxruntime", st.artifacts["ONNX export"], st.out_dir / "bench-onnxruntime"))
     rows = {}
     for backend, path, out in backends:
-        executor, cfg, opts = _executor(st, backend, path)
+        engine = LLMEngine.from_options(backend, path, _options(st))
+        cfg = engine.config
         results = []
         for c in (32, 64):
             warm = min(c, 8)
             reqs = token_norm_dist(warm + 2 * c, st.isl, st.osl, vocab_size=cfg.vocab_size, seed=c,
-                                   max_seq_len=opts.max_seq_len)
-            results.append(run_concurrency(executor, reqs, concurrency=c, max_num_tokens=opts.max_num_tokens,
-                                           max_seq_len=opts.max_seq_len or 0, warmup=warm))
+                                   max_seq_len=engine.limits.max_seq_len)
+            results.append(run_concurrency(engine, reqs, concurrency=c, warmup=warm))
         rows[backend] = results
         meta = {"demo": True, "backend": backend, "model": cfg.summary(), "isl": st.isl, "osl": st.osl}
         write_report(out / "report.json", results, meta)
