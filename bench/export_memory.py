@@ -45,7 +45,8 @@ def throughput(isl: int, osl: int, concurrencies: list[int]) -> dict:
     from trtfalcon.checkpoint.synth import synth_checkpoint
     from trtfalcon.config import preset_dict
     from trtfalcon.export import export_onnx
-    from trtfalcon.runtime.backends import RuntimeOptions, create_executor
+    from trtfalcon.runtime.llm import LLMEngine
+    from trtfalcon.runtime.options import RuntimeOptions
 
     work = Path(tempfile.mkdtemp(prefix="export-bench-"))
     try:
@@ -56,13 +57,12 @@ def throughput(isl: int, osl: int, concurrencies: list[int]) -> dict:
         rows = {}
         for backend, path in (("torch", dep), ("onnxruntime", exp)):
             opts = RuntimeOptions(max_batch_size=max(concurrencies), max_num_tokens=256, max_seq_len=max_seq_len)
-            executor, cfg = create_executor(backend, path, opts)
+            engine = LLMEngine.from_options(backend, path, opts)
             for c in concurrencies:
                 warm = min(c, 8)
-                reqs = token_norm_dist(warm + 2 * c, isl, osl, vocab_size=cfg.vocab_size, seed=c,
+                reqs = token_norm_dist(warm + 2 * c, isl, osl, vocab_size=engine.config.vocab_size, seed=c,
                                        max_seq_len=max_seq_len)
-                r = run_concurrency(executor, reqs, concurrency=c, max_num_tokens=256, max_seq_len=max_seq_len,
-                                    warmup=warm)
+                r = run_concurrency(engine, reqs, concurrency=c, warmup=warm)
                 rows[f"{backend}@{c}"] = {"backend": backend, "concurrency": c,
                                           "output_tok_s": round(r.output_tokens_per_s, 1),
                                           "requests": r.num_requests, "errors": len(r.errors)}

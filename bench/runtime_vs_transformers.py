@@ -28,7 +28,8 @@ from trtfalcon.bench.dataset import token_norm_dist
 from trtfalcon.bench.throughput import run_concurrency
 from trtfalcon.checkpoint.synth import synth_checkpoint
 from trtfalcon.config import preset_dict
-from trtfalcon.runtime.backends import RuntimeOptions, create_executor
+from trtfalcon.runtime.llm import LLMEngine
+from trtfalcon.runtime.options import RuntimeOptions
 
 
 def run_transformers(model, reqs, batch: int) -> tuple[int, float]:
@@ -71,14 +72,13 @@ def main() -> None:
         max_len = args.isl + int(args.osl + 4 * args.osl_stdev)
         opts = RuntimeOptions(max_batch_size=args.batch, max_num_tokens=max(256, args.batch), max_seq_len=max_len,
                               block_size=16, num_threads=args.threads)
-        executor, _ = create_executor("torch", hf, opts)
+        engine = LLMEngine.from_options("torch", hf, opts)
         for name, stdev in workloads.items():
             reqs = token_norm_dist(args.num_requests, args.isl, args.osl, 0.0, stdev, vocab_size=vocab, seed=0,
                                    max_seq_len=max_len)
             hf_tokens, hf_s = run_transformers(model, reqs, args.batch)
             warm = token_norm_dist(min(8, args.batch), args.isl, 4, vocab_size=vocab, seed=1)
-            res = run_concurrency(executor, warm + reqs, concurrency=args.batch, max_num_tokens=opts.max_num_tokens,
-                                  max_seq_len=max_len, warmup=len(warm))
+            res = run_concurrency(engine, warm + reqs, concurrency=args.batch, warmup=len(warm))
             assert res.total_output_tokens == hf_tokens  # the same delivered tokens on both sides
             rows[name] = {
                 "transformers_static_batches": {"output_tokens": hf_tokens, "seconds": round(hf_s, 3),

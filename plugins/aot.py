@@ -10,6 +10,9 @@ configuration (activation dtype fp32/bf16, state/cache dtype, constexpr variants
                                               resources
     out_dir/manifest.json                     every record above, in one list
 
+`compile_kernels` is what `trtfalcon plugins compile`, the demo and `build` run: compile_all into an atomically
+written directory, refusing Triton's interpreter and kernels that spill; `print_kernel_report` shows the result.
+
 Where the resource numbers come from: Triton's metadata gives `shared` (dynamic shared memory the launch must
 request) and `num_warps`; registers and spills are NOT in Triton's metadata without a GPU (it reads them from
 the driver after loading), so we run the ptxas that Triton bundles (`ptxas -v`, the same binary that built the
@@ -24,6 +27,7 @@ result; a kernel that needs scratch fails loudly instead of being shipped with a
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -31,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from trtfalcon.checkpoint.safetensors_io import atomic_output_dir
 from trtfalcon.config import FalconH1Config, preset
 from trtfalcon.dtypes import lookup
-from trtfalcon.errors import TrtFalconError
+from trtfalcon.errors import ConfigError, TrtFalconError
 from trtfalcon.plugins._triton import require_triton
 from trtfalcon.plugins.spec import OPS, KernelContext, KernelSpec, OpSpec
 
@@ -319,5 +324,57 @@ def spilling(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in report_rows(manifest) if (r["spill_stores"] or 0) + (r["spill_loads"] or 0) > 0]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# What `plugins compile`, the demo and `build` run
+# ---------------------------------------------------------------------------------------------------------------
+def compile_kernels(archs: list[str], out_dir: str | Path, *, config: FalconH1Config | None = None,
+                    overwrite: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """compile_all into out_dir, written atomically (nothing is left there if a compile fails); returns the manifest.
+
+    Raises ConfigError when TRITON_INTERPRET is set (the interpreter replaces Triton's compiler), and, once out_dir
+    is written (its PTX and manifest are what one inspects), when any kernel spills registers.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise ConfigError("unset TRITON_INTERPRET: ahead-of-time compilation needs Triton's compiler")
+    require_triton()
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        manifest = compile_all(list(archs), tmp, progress=progress, config=config)
+    bad = spilling(manifest)
+    if bad:
+        spills = ", ".join(f"{r['arch']} {r['plugin']} {r['config']} ({r['spill_stores']}+{r['spill_loads']} B)"
+                           for r in bad)
+        raise ConfigError(f"{len(bad)} kernel(s) spill registers: {spills}; expected none (see "
+                          f"{Path(out_dir) / 'manifest.json'})")
+    return manifest
+
+
+def kernel_report(manifest: dict[str, Any]) -> Any:
+    """The report of a compile as a rich Table: one row per kernel, REPORT_COLUMNS but the grid (a shape
+    expression: in each kernel's JSON)."""
+    from rich.table import Table
+
+    cols = [c for c in REPORT_COLUMNS if c != "grid"]
+    t = Table(title=f"plugin kernels: {', '.join(manifest['archs'])}")
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("arch", "plugin", "config") else "right")
+    for row in report_rows(manifest):
+        t.add_row(*("-" if row[c] is None else str(row[c]) for c in cols))
+    return t
+
+
+def print_kernel_report(manifest: dict[str, Any], out_dir: str | Path | None = None) -> None:
+    """Print kernel_report on stdout (into a pipe or a log file 160 columns wide, not squeezed into 80), then
+    where the kernels were written."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(kernel_report(manifest))
+    if out_dir is not None:
+        console.out(f"wrote {len(manifest['kernels'])} kernels to {out_dir}", highlight=False)
+
+
 __all__ = ["AOTError", "BuildConfig", "CompiledKernel", "REPORT_COLUMNS", "compile_all", "compile_config",
-           "compile_kernel", "configurations", "parse_arch", "ptxas_resources", "report_rows", "spilling"]
+           "compile_kernel", "compile_kernels", "configurations", "kernel_report", "parse_arch",
+           "print_kernel_report", "ptxas_resources", "report_rows", "spilling"]

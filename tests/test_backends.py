@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from trtfalcon.cli import main
 from trtfalcon.config import preset
 from trtfalcon.errors import ConfigError
-from trtfalcon.runtime.backends import RuntimeOptions, _default_num_blocks, create_executor, runtime_limits
+from trtfalcon.runtime.backends import RuntimeOptions, default_kv_blocks, create_executor, runtime_limits
 from trtfalcon.runtime.contract import CacheSpec
 
 
@@ -36,11 +36,11 @@ def test_limits_are_capped_by_the_executor():
 def test_default_kv_pool_fits_the_memory_left():
     opts = RuntimeOptions(max_batch_size=64, block_size=16)
     full = 64 * 2048 // 16
-    assert _default_num_blocks(opts, 2048, 1000, 0, None, "cpu") == full  # unknown memory: full length
-    assert _default_num_blocks(opts, 2048, 1000, 0, 10**12, "cpu") == full
-    assert _default_num_blocks(opts, 2048, 1000, 0, 2_000_000, "cuda") == int(0.9 * 2_000_000) // 1000
+    assert default_kv_blocks(opts, 2048, 1000, 0, None, "cpu") == full  # unknown memory: full length
+    assert default_kv_blocks(opts, 2048, 1000, 0, 10**12, "cpu") == full
+    assert default_kv_blocks(opts, 2048, 1000, 0, 2_000_000, "cuda") == int(0.9 * 2_000_000) // 1000
     with pytest.raises(ConfigError, match="one sequence needs 128 KV blocks .* lower --max-seq-len"):
-        _default_num_blocks(opts, 2048, 1000, 50_000, 100_000, "cuda")
+        default_kv_blocks(opts, 2048, 1000, 50_000, 100_000, "cuda")
 
 
 @pytest.mark.parametrize("backend, opts, flag", [
@@ -53,6 +53,18 @@ def test_default_kv_pool_fits_the_memory_left():
 def test_options_a_backend_cannot_honour_are_errors(tmp_path, backend, opts, flag):
     with pytest.raises(ConfigError, match=f"{flag}: not used by the {backend} backend"):
         create_executor(backend, tmp_path, opts)
+
+
+def test_engine_from_options_is_sized_by_the_options_and_the_executor(tmp_path):
+    from trtfalcon.runtime.backends import RuntimeLimits
+    from trtfalcon.runtime.llm import LLMEngine
+
+    opts = RuntimeOptions(max_batch_size=4, max_num_tokens=16, max_seq_len=64)
+    engine = LLMEngine.from_options("torch", _synth(tmp_path), opts, seed=3)
+    assert engine.limits == RuntimeLimits(4, 16, 64) and engine.options is opts and engine.config.vocab_size == 256
+    s = engine.scheduler
+    assert (s.max_batch_size, s.max_num_tokens, s.max_seq_len) == (4, 16, 64)
+    assert s.eos_token_ids == frozenset(engine.config.eos_token_id) and engine.executor.cache_spec.num_slots == 4
 
 
 def _synth(tmp_path):

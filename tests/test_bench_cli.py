@@ -10,8 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from trtfalcon.bench.dataset import load_jsonl, token_norm_dist
-from trtfalcon.bench.throughput import percentile
+from trtfalcon.bench.throughput import percentile, run_concurrency
 from trtfalcon.cli import main
+from trtfalcon.errors import ConfigError
 
 
 def test_token_norm_dist_is_deterministic_and_fixed_length_with_zero_stdev():
@@ -39,6 +40,30 @@ def test_percentile_is_nearest_rank():
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0  # not 3 (rounding an interpolated index)
     values = [float(i) for i in range(1, 101)]
     assert percentile(values, 99) == 99.0 and percentile(values, 90) == 90.0 and percentile(values, 1) == 1.0
+
+
+def test_levels_on_one_engine_schedule_as_on_an_engine_per_level():
+    """bench runs every concurrency level on one engine sized for the largest: each level's steps (and outputs) are
+    those an engine with max_batch_size = concurrency gives, the larger batch limit never binding."""
+    from trtfalcon.runtime.executors.null import NullExecutor, null_cache_spec
+    from trtfalcon.runtime.llm import LLMEngine
+
+    def engine(batch):
+        return LLMEngine(NullExecutor(100, 16, null_cache_spec(512, 4, 16)), max_batch_size=batch, max_num_tokens=24,
+                         max_seq_len=64)
+
+    def schedule(result):
+        return [(s["num_tokens"], s["num_seqs"], s["num_decode"], s["num_prefill"]) for s in result.steps]
+
+    shared = engine(16)
+    for c in (4, 16, 8):
+        reqs = token_norm_dist(2 * c + 3, 12, 6, 5.0, 3.0, vocab_size=100, seed=c)
+        a = run_concurrency(shared, reqs, concurrency=c, warmup=3)
+        b = run_concurrency(engine(c), reqs, concurrency=c, warmup=3)
+        assert schedule(a) == schedule(b) and len(schedule(a)) > 5
+        assert (a.num_requests, a.total_output_tokens, a.errors) == (b.num_requests, b.total_output_tokens, [])
+    with pytest.raises(ConfigError, match="concurrency 8: expected an engine .* found max_batch_size 4"):
+        run_concurrency(engine(4), reqs, concurrency=8)
 
 
 def test_bench_writes_a_consistent_report(tmp_path):

@@ -102,3 +102,42 @@ def test_convert_errors_are_one_line(tmp_path):
 
 def test_bad_shard_size(tmp_path):
     assert "expected a size such as" in run("synth", "--preset", "tiny", "--out", tmp_path / "x", "--max-shard-size", "big", ok=False).output
+
+
+def test_runtime_options_are_the_dataclass_fields():
+    """Flags, defaults and ranges come from RuntimeOptions: no value given = RuntimeOptions(); 'auto' = None."""
+    import click
+
+    from trtfalcon.cli import runtime_option_flags
+    from trtfalcon.runtime.options import RuntimeOptions
+
+    seen = {}
+
+    @click.command()
+    @runtime_option_flags
+    def cmd(**kw):
+        seen["opts"] = RuntimeOptions.from_flags(kw)
+
+    assert CliRunner().invoke(cmd, []).exit_code == 0 and seen["opts"] == RuntimeOptions()
+    r = CliRunner().invoke(cmd, ["--kv-cache-dtype", "fp8", "--ssm-state-dtype", "bf16", "--max-seq-len", "99",
+                                 "--kernels", "torch", "--dtype", "bf16"])
+    assert r.exit_code == 0, r.output
+    assert seen["opts"] == RuntimeOptions(kv_dtype="fp8", ssm_dtype="bf16", max_seq_len=99, kernels="torch",
+                                          dtype="bf16")
+    assert "--max-seq-len" in CliRunner().invoke(cmd, ["--max-seq-len", "1"]).output  # the field's minimum, 2
+    for command in (["generate"], ["bench"], ["serve", "triton"]):
+        out = run(*command, "--help").output
+        assert all(flag.name in out for flag in RuntimeOptions.flags().values()), command
+
+
+def test_generate_json_line_of_an_output():
+    from trtfalcon.runtime.request import RequestOutput, TokenLogprobs
+
+    o = RequestOutput("3", [1, 2], [7, 8], "length", logprobs=[TokenLogprobs(7, -0.5, [7, 9], [-0.5, -1.5])] * 2)
+    assert json.dumps(o.to_dict()) == (
+        '{"prompt_ids": [1, 2], "token_ids": [7, 8], "finish_reason": "length", "logprobs": [{"token_id": 7, '
+        '"logprob": -0.5, "top_ids": [7, 9], "top_logprobs": [-0.5, -1.5]}, {"token_id": 7, "logprob": -0.5, '
+        '"top_ids": [7, 9], "top_logprobs": [-0.5, -1.5]}]}')
+    bad = RequestOutput("4", [], finish_reason="error", error="prompt_ids: expected at least 1 token")
+    assert json.dumps(bad.to_dict()) == ('{"prompt_ids": [], "token_ids": [], "finish_reason": "error", "error": '
+                                         '"prompt_ids: expected at least 1 token"}')

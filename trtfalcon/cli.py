@@ -14,6 +14,8 @@ import click
 
 from trtfalcon import __version__
 from trtfalcon.dtypes import FLOAT_NAMES, KV_CACHE_NAMES, SSM_STATE_NAMES, lookup
+from trtfalcon.progress import progress_bar, progress_messages
+from trtfalcon.runtime.options import RuntimeOptions
 
 DTYPE_CHOICE = click.Choice(FLOAT_NAMES)
 
@@ -33,17 +35,6 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}") from e
 
     return wrapper
-
-
-def _progress(total: int, description: str):
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), TextColumn("{task.fields[tensor]}"), transient=False, disable=not sys.stderr.isatty(),
-    )
-    task = progress.add_task(description, total=total, tensor="")
-    return progress, task
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -94,7 +85,7 @@ def synth(preset: str, out_dir: Path, seed: int, dtype: str, max_shard_size: str
     cfg = FalconH1Config.from_hf_dict(cfg_dict)
     elem = lookup(dtype).itemsize
     total = sum(_numel(s) * elem for s in hf_tensor_shapes(cfg).values())
-    progress, task = _progress(total, f"synth {preset}")
+    progress, task = progress_bar(total, f"synth {preset}")
     with progress:
         synth_checkpoint(
             cfg_dict, out_dir, seed=seed, dtype=dtype, max_shard_bytes=_parse_size(max_shard_size), overwrite=overwrite,
@@ -130,7 +121,7 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str, max_shard_size: str, overwr
     state: dict[str, Any] = {}
 
     def start(total: int) -> None:
-        state["progress"], state["task"] = _progress(total, "convert")
+        state["progress"], state["task"] = progress_bar(total, "convert")
         state["progress"].start()
 
     try:
@@ -235,7 +226,7 @@ def export(checkpoint: Path, out_dir: Path, dtype: str | None, opset: int, kv_dt
 
     def progress(name: str, done: int, total: int) -> None:
         if "progress" not in state:
-            state["progress"], state["task"] = _progress(total, "export")
+            state["progress"], state["task"] = progress_bar(total, "export")
             state["progress"].start()
         state["progress"].update(state["task"], completed=done, tensor=name)
 
@@ -249,47 +240,24 @@ def export(checkpoint: Path, out_dir: Path, dtype: str | None, opset: int, kv_dt
 
 
 # ------------------------------------------------------------------------------------------------------ generate
-def runtime_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by every command that runs the runtime (generate, bench)."""
-    opts = [
-        click.option("--max-batch-size", default=64, show_default=True, type=click.IntRange(min=1),
-                     help="Sequences per step (in-flight batch), also the number of Mamba state slots."),
-        click.option("--max-num-tokens", default=512, show_default=True, type=click.IntRange(min=1),
-                     help="Tokens per step: decode tokens + prefill chunks."),
-        click.option("--max-seq-len", default=None, type=click.IntRange(min=2),
-                     help="Prompt + output limit per request [default: the model's, capped at 4096 on CPU]."),
-        click.option("--block-size", default=16, show_default=True, type=click.IntRange(min=1),
-                     help="Tokens per paged-KV block."),
-        click.option("--num-blocks", default=None, type=click.IntRange(min=1),
-                     help="KV blocks in the pool [default: every sequence at full length]. Fewer forces preemption."),
-        click.option("--ssm-state-dtype", "ssm_dtype", type=click.Choice(SSM_STATE_NAMES), default="fp32",
-                     show_default=True, help="Dtype of the Mamba SSM state pool."),
-        click.option("--kv-cache-dtype", "kv_dtype", type=click.Choice(["auto", "fp8"]), default="auto",
-                     show_default=True,
-                     help="KV cache pool: auto = the compute dtype (torch) or what the export/engine takes; fp8 = "
-                          "E4M3 with the checkpoint's per-layer k/v scales (`quantize --kv-cache-dtype fp8`)."),
-        click.option("--kernels", type=click.Choice(["auto", "torch", "reference", "triton"]), default="auto",
-                     show_default=True,
-                     help="Plugin ops: triton = the Triton kernels (CUDA; Triton's interpreter on CPU, slow); "
-                          "torch = vectorized torch; reference = the loop references (oracle). "
-                          "auto = triton on CUDA, torch on CPU."),
-        click.option("--device", default="cpu", show_default=True, help="torch device of the torch backend."),
-        click.option("--dtype", type=DTYPE_CHOICE, default=None,
-                     help="Compute dtype [default: the checkpoint's; fp32 for an HF checkpoint]."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
+def runtime_option_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The runtime's sizing options (generate, bench, serve triton): one per RuntimeOptions field that has a flag,
+    with the field's default and help (runtime/options.py)."""
+    defaults = RuntimeOptions()
+    for name, flag in reversed(RuntimeOptions.flags().items()):
+        default = getattr(defaults, name)
+        if default is None and flag.none is not None:
+            default = flag.none
+        kind = click.Choice(list(flag.choices)) if flag.choices else (
+            click.IntRange(min=flag.min) if flag.min is not None else None)
+        fn = click.option(flag.name, name, type=kind, default=default, show_default=default is not None,
+                          help=flag.help)(fn)
     return fn
 
 
-def _runtime_opts(kw: dict[str, Any]):
-    from trtfalcon.runtime.backends import RuntimeOptions
-
-    keys = ("max_batch_size", "max_num_tokens", "max_seq_len", "block_size", "num_blocks", "ssm_dtype", "kv_dtype",
-            "kernels", "device", "dtype")
-    values = {k: kw.pop(k) for k in keys}
-    values["kv_dtype"] = None if values["kv_dtype"] == "auto" else values["kv_dtype"]  # None: as before the option
-    opts = RuntimeOptions(**values)
+def _pop_runtime_options(kw: dict[str, Any]) -> RuntimeOptions:
+    """Take runtime_option_flags' values out of a command's keyword arguments, as RuntimeOptions."""
+    opts = RuntimeOptions.from_flags({name: kw.pop(name) for name in RuntimeOptions.flags()})
     if opts.kernels == "triton" and opts.device == "cpu":
         import os
 
@@ -323,7 +291,7 @@ def _runtime_opts(kw: dict[str, Any]):
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt", "reference"]), default="torch", show_default=True,
               help="torch: the in-flight-batching runtime; onnxruntime: the same runtime over an fp32 export "
                    "directory (`trtfalcon export`); reference: the unbatched oracle model, one prompt at a time.")
-@runtime_options
+@runtime_option_flags
 @click.option("--json", "as_json", is_flag=True, help='One JSON object per prompt (per sample with --n): {"token_ids": [...], ...}.')
 @handle_errors
 def generate(checkpoint: Path, prompt_ids: str | None, prompts_file: Path | None, max_new_tokens: int,
@@ -343,8 +311,9 @@ def generate(checkpoint: Path, prompt_ids: str | None, prompts_file: Path | None
       trtfalcon generate runs/tiny-deploy --prompt-ids 1,2,3 --n 8 --temperature 0.6 --top-p 0.95 --json
     """
     from trtfalcon.runtime.prompts import load_prompts
+    from trtfalcon.runtime.request import Request, SamplingParams
 
-    opts = _runtime_opts(kw)
+    opts = _pop_runtime_options(kw)
     prompts = load_prompts(prompt_ids, prompts_file, max_new_tokens)
     if backend == "reference":
         # the oracle is plain greedy / temperature sampling over dense caches: refuse what it would silently drop
@@ -355,54 +324,27 @@ def generate(checkpoint: Path, prompt_ids: str | None, prompts_file: Path | None
         if unused:
             raise click.UsageError(f"{', '.join(unused)}: not supported by --backend reference (greedy or "
                                    "temperature sampling only); use --backend torch")
-        results = _generate_reference(checkpoint, prompts, opts, temperature, seed, ignore_eos)
-        samples: list[tuple[int, int | None]] = [(i, None) for i in range(len(prompts))]
+        outputs = _generate_reference(checkpoint, prompts, opts, temperature, seed, ignore_eos)
     else:
-        from trtfalcon.runtime.backends import create_executor, runtime_limits
         from trtfalcon.runtime.llm import LLMEngine
-        from trtfalcon.runtime.request import Request, SamplingParams
 
-        executor, cfg = create_executor(backend, checkpoint, opts)
-        lim = runtime_limits(executor, opts, cfg)
-        engine = LLMEngine(executor, max_batch_size=lim.max_batch_size, max_num_tokens=lim.max_num_tokens,
-                           max_seq_len=lim.max_seq_len, eos_token_ids=cfg.eos_token_id, seed=seed)
-        requests = [
+        engine = LLMEngine.from_options(backend, checkpoint, opts, seed=seed)
+        outputs = engine.generate(
             Request(str(i), p.prompt_ids, SamplingParams(
                 max_new_tokens=p.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + i * n,
                 ignore_eos=ignore_eos, logprobs=logprobs, n=n))
             for i, p in enumerate(prompts)
-        ]
-        # (prompt index, sample k or None) per output: n outputs per prompt (1 if the prompt was rejected for n)
-        samples = []
-        outputs = []
-        for i, req in enumerate(requests):
-            outs = engine.add_samples(req)
-            samples += [(i, o.sample_index if o.parent_id is not None else None) for o in outs]
-            outputs += outs
-        while engine.has_work:
-            engine.step()
-        results = []
-        for o in outputs:
-            r: dict[str, Any] = {"token_ids": o.token_ids, "finish_reason": o.finish_reason}
-            if o.error:
-                r["error"] = o.error
-            if o.logprobs is not None:
-                r["logprobs"] = [
-                    {"token_id": lp.token_id, "logprob": lp.logprob, "top_ids": lp.top_ids,
-                     "top_logprobs": lp.top_logprobs} for lp in o.logprobs
-                ]
-            results.append(r)
+        )
     failed = 0
-    for (i, k), r in zip(samples, results):
-        p = prompts[i]
-        failed += "error" in r
+    for o in outputs:  # n per prompt, in order (1 if the prompt was rejected for its n); request ids are indices
+        failed += bool(o.error)
         if as_json:
-            click.echo(json.dumps({"index": i, **({} if k is None else {"sample": k}), "prompt_ids": p.prompt_ids,
-                                   **r}))
-        elif "error" in r:
-            click.echo(f"error: {r['error']}", err=True)
+            sample = {} if o.parent_id is None else {"sample": o.sample_index}
+            click.echo(json.dumps({"index": int(o.parent_id or o.request_id), **sample, **o.to_dict()}))
+        elif o.error:
+            click.echo(f"error: {o.error}", err=True)
         else:
-            click.echo(",".join(map(str, r["token_ids"])))
+            click.echo(",".join(map(str, o.token_ids)))
     if failed:
         raise click.exceptions.Exit(1)
 
@@ -413,22 +355,25 @@ def _generate_reference(checkpoint: Path, prompts, opts, temperature: float, see
     from trtfalcon.model.reference import ReferenceModel
     from trtfalcon.model.weights import load_weights
     from trtfalcon.runtime.prompts import check_servable
+    from trtfalcon.runtime.request import RequestOutput
 
     weights = load_weights(checkpoint, opts.dtype)
     cfg = weights.config
     model = ReferenceModel(weights)
-    results = []
+    outputs = []
     for i, p in enumerate(prompts):
+        out = RequestOutput(str(i), p.prompt_ids)
         try:
             check_servable(p, cfg.vocab_size, opts.resolved_max_seq_len(cfg), f"request {i}")
         except RequestError as e:
-            results.append({"token_ids": [], "finish_reason": "error", "error": str(e)})
-            continue
-        tokens = reference_generate(model, p.prompt_ids, p.max_new_tokens, temperature=temperature, seed=seed + i,
-                                    stop_token_ids=() if ignore_eos else cfg.eos_token_id)
-        stopped = bool(tokens) and tokens[-1] in cfg.eos_token_id and not ignore_eos
-        results.append({"token_ids": tokens, "finish_reason": "stop" if stopped else "length"})
-    return results
+            out.finish_reason, out.error = "error", str(e)
+        else:
+            out.token_ids = reference_generate(model, p.prompt_ids, p.max_new_tokens, temperature=temperature,
+                                               seed=seed + i, stop_token_ids=() if ignore_eos else cfg.eos_token_id)
+            stopped = bool(out.token_ids) and out.token_ids[-1] in cfg.eos_token_id and not ignore_eos
+            out.finish_reason = "stop" if stopped else "length"
+        outputs.append(out)
+    return outputs
 
 
 # ------------------------------------------------------------------------------------------------------ bench
@@ -451,7 +396,7 @@ def _generate_reference(checkpoint: Path, prompts, opts, temperature: float, see
 @click.option("--seed", default=0, show_default=True, help="Seed of the synthetic dataset.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/bench"), show_default=True,
               help="Where report.json and throughput.png go.")
-@runtime_options
+@runtime_option_flags
 @handle_errors
 def bench(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev: float, osl_stdev: float,
           num_requests: int | None, concurrencies: tuple[int, ...], warmup: int | None, backend: str, seed: int,
@@ -473,15 +418,15 @@ def bench(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev:
     from trtfalcon.bench.dataset import load_jsonl, token_norm_dist
     from trtfalcon.bench.report import plot, print_table, write_report
     from trtfalcon.bench.throughput import run_concurrency
-    from trtfalcon.runtime.backends import create_executor, runtime_limits
+    from trtfalcon.runtime.llm import LLMEngine
 
     concurrencies = concurrencies or (32, 64)
     kw["max_batch_size"] = max(max(concurrencies), kw["max_batch_size"])
     kw["max_num_tokens"] = max(kw["max_num_tokens"], kw["max_batch_size"])
-    opts = _runtime_opts(kw)
+    opts = _pop_runtime_options(kw)
     console = Console(stderr=True)
-    executor, cfg = create_executor(backend, checkpoint, opts)
-    lim = runtime_limits(executor, opts, cfg)
+    engine = LLMEngine.from_options(backend, checkpoint, opts)  # every level runs on it, its concurrency in flight
+    executor, cfg, lim = engine.executor, engine.config, engine.limits
     too_many = [c for c in concurrencies if c > lim.max_batch_size]
     if too_many:  # reporting a level the executor cannot run as if it had run would mislabel the numbers
         raise click.UsageError(f"--concurrency {too_many[0]}: this {backend} executor runs at most "
@@ -501,8 +446,7 @@ def bench(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev:
             warm = token_norm_dist(w, isl, osl, vocab_size=cfg.vocab_size, seed=seed + 1,
                                    max_seq_len=max_seq_len) if w and not dataset else requests[:w]
             task = progress.add_task(f"concurrency {c}", total=len(requests))
-            r = run_concurrency(executor, warm + requests, concurrency=c, max_num_tokens=lim.max_num_tokens,
-                                max_seq_len=max_seq_len, warmup=len(warm),
+            r = run_concurrency(engine, warm + requests, concurrency=c, warmup=len(warm),
                                 on_finish=lambda o, t=task: progress.advance(t))
             results.append(r)
             for err in r.errors[:3]:
@@ -595,49 +539,14 @@ def plugins_compile(archs: tuple[str, ...], out_dir: Path, preset: str, checkpoi
     \b
     Example:  trtfalcon plugins compile --arch sm_90 --arch sm_100 --out runs/kernels
     """
-    _print_kernel_report(_compile_kernels(list(archs), out_dir, preset, checkpoint, overwrite))
-
-
-def _compile_kernels(archs: list[str], out_dir: Path, preset: str, checkpoint: Path | None, overwrite: bool):
-    import os
-
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise click.ClickException("unset TRITON_INTERPRET: ahead-of-time compilation needs Triton's compiler")
-    from trtfalcon.checkpoint.safetensors_io import atomic_output_dir
     from trtfalcon.config import FalconH1Config
     from trtfalcon.config import preset as get_preset
-    from trtfalcon.plugins.aot import compile_all, spilling
+    from trtfalcon.plugins.aot import compile_kernels, print_kernel_report
 
     cfg = FalconH1Config.from_json_file(checkpoint) if checkpoint else get_preset(preset)
-    progress, task = _progress(0, "compile")
-    with progress, atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        manifest = compile_all(archs, tmp, progress=lambda msg: progress.update(task, tensor=msg), config=cfg)
-    bad = spilling(manifest)
-    if bad:
-        _print_kernel_report(manifest)
-        raise click.ClickException(f"{len(bad)} kernel(s) spill registers: {', '.join(r['plugin'] for r in bad)}")
-    manifest["out_dir"] = str(out_dir)
-    return manifest
-
-
-def _print_kernel_report(manifest) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from trtfalcon.plugins.aot import REPORT_COLUMNS, report_rows
-
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)
-    cols = [c for c in REPORT_COLUMNS if c != "grid"]  # grids are shape expressions: in each kernel's JSON
-    t = Table(title=f"plugin kernels: {', '.join(manifest['archs'])}")
-    for col in cols:
-        t.add_column(col, justify="left" if col in ("arch", "plugin", "config") else "right")
-    for row in report_rows(manifest):
-        t.add_row(*("-" if row[c] is None else str(row[c]) for c in cols))
-    console.print(t)
-    if "out_dir" in manifest:
-        click.echo(f"wrote {len(manifest['kernels'])} kernels to {manifest['out_dir']}")
+    with progress_messages("compile") as progress:
+        manifest = compile_kernels(list(archs), out_dir, config=cfg, overwrite=overwrite, progress=progress)
+    print_kernel_report(manifest, out_dir)
 
 
 # ------------------------------------------------------------------------------------------------------ serve
@@ -672,7 +581,7 @@ def serve() -> None:
               help="Largest top-k of log-probs a request may ask for.")
 @click.option("--seed", default=0, show_default=True, help="Engine seed for sampled requests that send no seed.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT/MODEL_NAME if it exists.")
-@runtime_options
+@runtime_option_flags
 @handle_errors
 def serve_triton(engine_dir: Path | None, checkpoint_dir: Path | None, out_dir: Path, backend: str | None,
                  model_name: str, instances_per_gpu: int, gpus: str | None, tokenizer_dir: Path | None,
@@ -707,7 +616,7 @@ def serve_triton(engine_dir: Path | None, checkpoint_dir: Path | None, out_dir: 
                                      param_hint="--gpus") from None
         if not gpu_ids or min(gpu_ids) < 0 or len(set(gpu_ids)) != len(gpu_ids):
             raise click.BadParameter(f"expected distinct GPU ids >= 0 such as 0,1, found {gpus!r}", param_hint="--gpus")
-    opts = _runtime_opts(kw)
+    opts = _pop_runtime_options(kw)
     if opts.device != "cpu" and not gpu_ids:
         raise click.BadParameter(f"each instance's device comes from --gpus; found --device {opts.device} without "
                                  "--gpus", param_hint="--device")
@@ -740,7 +649,8 @@ def demo(out_dir: Path, isl: int, osl: int, skip_kernels: bool) -> None:
     """
     from trtfalcon.demo import run_demo
 
-    run_demo(out_dir, isl=isl, osl=osl, compile_kernels=not skip_kernels)
+    run_demo(out_dir, isl=isl, osl=osl, compile_kernels=not skip_kernels, echo=click.echo,
+             heading=lambda text: click.secho(text, bold=True))
 
 
 # ------------------------------------------------------------------------------------------------------ helpers

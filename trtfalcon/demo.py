@@ -1,18 +1,26 @@
 """`trtfalcon demo`: the whole pipeline that runs on this machine, on a tiny model, with no arguments.
 
 Each step is a function of the shared state below; a new pipeline stage adds its step to STEPS, so the demo
-always exercises everything that can run here. Steps print what they did and where the artifact went.
+always exercises everything that can run here. Steps print what they did and where the artifact went (through
+`echo`: the CLI passes click's). A library module: failures are trtfalcon's errors (trtfalcon/errors.py), which
+the CLI prints as one line and exit code 1.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import click
+from trtfalcon.errors import CheckpointError, TrtFalconError
+from trtfalcon.runtime.options import RuntimeOptions
+
+
+class DemoCheckError(TrtFalconError):
+    """Two paths of the pipeline that must agree do not (the runtime vs the reference model, onnxruntime vs the
+    torch executor): a bug in trtfalcon."""
 
 
 @dataclass
@@ -23,6 +31,7 @@ class DemoState:
     compile_kernels: bool = True
     artifacts: dict[str, Path] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    echo: Callable[[str], None] = print
 
 
 def step_synth(st: DemoState) -> str:
@@ -42,12 +51,8 @@ def step_convert(st: DemoState) -> str:
     return "muP multipliers folded, q/k/v and gate/up fused"
 
 
-def _executor(st: DemoState, backend: str = "torch", path: Path | None = None):
-    from trtfalcon.runtime.backends import RuntimeOptions, create_executor
-
-    opts = RuntimeOptions(max_batch_size=64, max_num_tokens=256, max_seq_len=st.isl + st.osl + 64, block_size=16)
-    executor, cfg = create_executor(backend, path or st.artifacts["deploy checkpoint"], opts)
-    return executor, cfg, opts
+def _options(st: DemoState) -> RuntimeOptions:
+    return RuntimeOptions(max_batch_size=64, max_num_tokens=256, max_seq_len=st.isl + st.osl + 64, block_size=16)
 
 
 def step_generate(st: DemoState) -> str:
@@ -58,27 +63,32 @@ def step_generate(st: DemoState) -> str:
     from trtfalcon.runtime.llm import LLMEngine
     from trtfalcon.runtime.request import Request, SamplingParams
 
-    executor, cfg, opts = _executor(st)
-    engine = LLMEngine(executor, max_batch_size=8, max_num_tokens=64, max_seq_len=opts.max_seq_len or 0)
-    prompts = [r.input_ids for r in token_norm_dist(8, 24, 1, 12, vocab_size=cfg.vocab_size, seed=1)]
+    opts = replace(_options(st), max_batch_size=8, max_num_tokens=64)
+    engine = LLMEngine.from_options("torch", st.artifacts["deploy checkpoint"], opts)
+    prompts = [r.input_ids for r in token_norm_dist(8, 24, 1, 12, vocab_size=engine.config.vocab_size, seed=1)]
     outs = engine.generate(
         [Request(str(i), p, SamplingParams(max_new_tokens=12, ignore_eos=True)) for i, p in enumerate(prompts)]
     )
     ref = ReferenceModel(load_weights(st.artifacts["deploy checkpoint"]))
     same = sum(o.token_ids == reference_generate(ref, p, 12) for o, p in zip(outs, prompts))
     if same != len(prompts):
-        raise click.ClickException("the runtime disagrees with the reference model; please report this")
+        raise DemoCheckError(f"the runtime gives the reference model's greedy tokens for {same} of {len(prompts)} "
+                             "prompts, expected all; please report this")
     return f"{same}/{len(prompts)} prompts in flight give the reference model's greedy tokens exactly"
 
 
 def step_kernels(st: DemoState) -> str:
     if not st.compile_kernels:
         return "skipped (--skip-kernels)"
-    from trtfalcon.cli import _compile_kernels, _print_kernel_report
+    from trtfalcon.config import preset
+    from trtfalcon.plugins.aot import compile_kernels, print_kernel_report
+    from trtfalcon.progress import progress_messages
 
-    manifest = _compile_kernels(["sm_90"], st.out_dir / "kernels", "7b", None, overwrite=True)
-    _print_kernel_report(manifest)
-    st.artifacts["plugin kernels (sm_90)"] = st.out_dir / "kernels"
+    out = st.out_dir / "kernels"
+    with progress_messages("compile") as progress:
+        manifest = compile_kernels(["sm_90"], out, config=preset("7b"), overwrite=True, progress=progress)
+    print_kernel_report(manifest, out)
+    st.artifacts["plugin kernels (sm_90)"] = out
     return f"{len(manifest['kernels'])} kernels compiled for sm_90 (7B shapes), none spilling"
 
 
@@ -86,6 +96,7 @@ def step_export(st: DemoState) -> str:
     import torch
 
     from trtfalcon.export import export_onnx, read_manifest
+    from trtfalcon.runtime.backends import create_executor
     from trtfalcon.runtime.contract import StepBatch
 
     out = export_onnx(st.artifacts["deploy checkpoint"], st.out_dir / "tiny-onnx")
@@ -93,8 +104,8 @@ def step_export(st: DemoState) -> str:
     manifest = read_manifest(out)
     # one prefill step and one decode step through both executors: the graph computes the model
     worst = 0.0
-    torch_ex, _, _ = _executor(st)
-    ort_ex, _, _ = _executor(st, "onnxruntime", out)
+    torch_ex, _ = create_executor("torch", st.artifacts["deploy checkpoint"], _options(st))
+    ort_ex, _ = create_executor("onnxruntime", out, _options(st))
     ids = torch.arange(1, 10, dtype=torch.int32)
     for batch in (
         StepBatch(ids, torch.arange(9, dtype=torch.int32), torch.tensor([0, 9], dtype=torch.int32),
@@ -107,7 +118,8 @@ def step_export(st: DemoState) -> str:
         a, b = torch_ex.execute(batch), ort_ex.execute(batch)
         worst = max(worst, float((a - b).abs().max() / a.abs().max()))
     if worst > 1e-4:
-        raise click.ClickException(f"the exported graph disagrees with the torch executor (relative {worst:.1e})")
+        raise DemoCheckError(f"{out}: the exported graph's logits differ from the torch executor's by {worst:.1e} "
+                             "(relative), expected at most 1e-4; please report this")
     nodes = ", ".join(f"{n} x{k}" for n, k in manifest["plugins"]["nodes"].items())
     return (f"opset {manifest['opset']}, plugin nodes {nodes}; onnxruntime logits = torch executor's "
             f"(max relative difference {worst:.1e})")
@@ -118,20 +130,21 @@ def step_bench(st: DemoState) -> str:
     from trtfalcon.bench.dataset import token_norm_dist
     from trtfalcon.bench.report import plot, print_table, write_report
     from trtfalcon.bench.throughput import run_concurrency
+    from trtfalcon.runtime.llm import LLMEngine
 
-    backends = [("torch", None, st.out_dir / "bench")]
+    backends = [("torch", st.artifacts["deploy checkpoint"], st.out_dir / "bench")]
     if "ONNX export" in st.artifacts:
         backends.append(("onnxruntime", st.artifacts["ONNX export"], st.out_dir / "bench-onnxruntime"))
     rows = {}
     for backend, path, out in backends:
-        executor, cfg, opts = _executor(st, backend, path)
+        engine = LLMEngine.from_options(backend, path, _options(st))
+        cfg = engine.config
         results = []
         for c in (32, 64):
             warm = min(c, 8)
             reqs = token_norm_dist(warm + 2 * c, st.isl, st.osl, vocab_size=cfg.vocab_size, seed=c,
-                                   max_seq_len=opts.max_seq_len)
-            results.append(run_concurrency(executor, reqs, concurrency=c, max_num_tokens=opts.max_num_tokens,
-                                           max_seq_len=opts.max_seq_len or 0, warmup=warm))
+                                   max_seq_len=engine.limits.max_seq_len)
+            results.append(run_concurrency(engine, reqs, concurrency=c, warmup=warm))
         rows[backend] = results
         meta = {"demo": True, "backend": backend, "model": cfg.summary(), "isl": st.isl, "osl": st.osl}
         write_report(out / "report.json", results, meta)
@@ -140,9 +153,9 @@ def step_bench(st: DemoState) -> str:
         st.artifacts[f"throughput plot ({backend})"] = out / "throughput.png"
     print_table(rows["torch"], "cpu")
     if "onnxruntime" in rows:
-        click.echo(f"    {'concurrency':>11} {'torch tok/s':>12} {'onnxruntime tok/s':>18} {'ratio':>6}")
+        st.echo(f"    {'concurrency':>11} {'torch tok/s':>12} {'onnxruntime tok/s':>18} {'ratio':>6}")
         for t, o in zip(rows["torch"], rows["onnxruntime"]):
-            click.echo(f"    {t.concurrency:>11} {t.output_tokens_per_s:>12.0f} {o.output_tokens_per_s:>18.0f} "
+            st.echo(f"    {t.concurrency:>11} {t.output_tokens_per_s:>12.0f} {o.output_tokens_per_s:>18.0f} "
                        f"{o.output_tokens_per_s / t.output_tokens_per_s:>6.2f}")
     return f"{' and '.join(rows)} at concurrency 32 and 64, isl {st.isl} -> osl {st.osl}, same requests"
 
@@ -200,21 +213,24 @@ STEPS: list[tuple[str, Callable[[DemoState], str]]] = [
 MARKER = ".trtfalcon-demo"  # marks a directory the demo made, so a rerun may replace it
 
 
-def run_demo(out_dir: Path, *, isl: int = 32, osl: int = 32, compile_kernels: bool = True) -> DemoState:
+def run_demo(out_dir: Path, *, isl: int = 32, osl: int = 32, compile_kernels: bool = True,
+             echo: Callable[[str], None] = print, heading: Callable[[str], None] = print) -> DemoState:
+    """Run every step in STEPS in out_dir (replaced if an earlier demo made it); echo prints a line, heading a
+    step's title."""
     if out_dir.exists() and not (out_dir / MARKER).is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise click.ClickException(
+        raise CheckpointError(
             f"{out_dir}: exists and was not made by `trtfalcon demo`; choose another --out (the demo replaces its "
             "directory on every run)"
         )
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     (out_dir / MARKER).write_text("made by trtfalcon demo; replaced on the next run\n")
-    st = DemoState(out_dir, isl, osl, compile_kernels)
+    st = DemoState(out_dir, isl, osl, compile_kernels, echo=echo)
     for i, (name, step) in enumerate(STEPS, 1):
-        click.secho(f"{i}/{len(STEPS)} {name}", bold=True)
-        click.echo(f"    {step(st)}")
-    click.secho("done. Artifacts:", bold=True)
+        heading(f"{i}/{len(STEPS)} {name}")
+        echo(f"    {step(st)}")
+    heading("done. Artifacts:")
     width = max(map(len, st.artifacts)) + 2
     for label, path in st.artifacts.items():
-        click.echo(f"    {label:<{width}} {path}")
+        echo(f"    {label:<{width}} {path}")
     return st

@@ -2,7 +2,9 @@
 
 `concurrency` requests are kept in flight: a new one is admitted as soon as one finishes. EOS is ignored, so
 every request produces exactly its output_tokens and runs compare equal work. Warm-up requests run first, at the
-same concurrency, and are not counted. TTFT and TPOT come from each request's own timestamps.
+same concurrency, and are not counted. TTFT and TPOT come from each request's own timestamps. As trtllm-bench runs
+one engine at several concurrencies, the levels of a run share one engine (LLMEngine.from_options, sized for the
+largest): with at most `concurrency` requests in flight its larger batch limit never binds.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from trtfalcon.bench.dataset import BenchRequest
-from trtfalcon.runtime.executors.base import Executor
+from trtfalcon.errors import ConfigError
 from trtfalcon.runtime.llm import LLMEngine
 from trtfalcon.runtime.request import Request, RequestOutput, SamplingParams
 
@@ -55,18 +57,20 @@ class ConcurrencyResult:
 
 
 def run_concurrency(
-    executor: Executor,
+    engine: LLMEngine,
     requests: list[BenchRequest],
     *,
     concurrency: int,
-    max_num_tokens: int,
-    max_seq_len: int,
     warmup: int = 0,
     on_finish: Callable[[RequestOutput], None] | None = None,
 ) -> ConcurrencyResult:
-    """The first `warmup` of `requests` run first and are not counted; the rest are measured."""
-    engine = LLMEngine(executor, max_batch_size=concurrency, max_num_tokens=max(max_num_tokens, concurrency),
-                       max_seq_len=max_seq_len, log_steps=True)
+    """`requests` on `engine` (idle, logging its steps), `concurrency` in flight; the first `warmup` run first and
+    are not counted, the rest are measured."""
+    if concurrency > engine.scheduler.max_batch_size or not engine.log_steps:
+        raise ConfigError(f"concurrency {concurrency}: expected an engine logging its steps that runs at least that "
+                          f"many sequences per step, found max_batch_size {engine.scheduler.max_batch_size}, "
+                          f"log_steps {engine.log_steps}")
+    engine.step_log.clear()
     if warmup:
         _drive(engine, requests[:warmup], concurrency, "warmup", None)
         engine.step_log.clear()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -308,7 +307,10 @@ def run_build(
                             ssm_dtype=p.ssm_state, overwrite=True)
                 info, source = {}, target
             elif stage == "kernels":
-                info = _compile_kernels(bc, cfg, target)
+                from trtfalcon.plugins.aot import compile_kernels
+
+                manifest = compile_kernels(list(bc.target.archs), target, config=cfg, overwrite=True)
+                info = {"archs": list(bc.target.archs), "kernels": len(manifest["kernels"])}
             else:
                 try:
                     build_tensorrt_engine(bc, out / STAGE_DIRS["export"], target, plan=plan, overwrite=True,
@@ -349,21 +351,6 @@ def _check_supported(bc: BuildConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{bc.name}: precision.{key}: expected one of {', '.join(allowed)} (what the ONNX "
                               f"exporter's cache pools take, trtfalcon/export/onnx.py), found {value}")
-
-
-def _compile_kernels(bc: BuildConfig, cfg: FalconH1Config, target: Path) -> dict[str, Any]:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise ConfigError("unset TRITON_INTERPRET: compiling the plugin kernels ahead of time needs Triton's compiler")
-    from trtfalcon.plugins._triton import require_triton
-    from trtfalcon.plugins.aot import compile_all, spilling
-
-    require_triton()
-    with atomic_output_dir(target, overwrite=True) as tmp:
-        manifest = compile_all(list(bc.target.archs), tmp, config=cfg)
-        bad = spilling(manifest)
-        if bad:
-            raise ConfigError(f"{len(bad)} plugin kernel(s) spill registers: {', '.join(r['plugin'] for r in bad)}")
-    return {"archs": list(bc.target.archs), "kernels": len(manifest["kernels"])}
 
 
 def _open_out_dir(out: Path, record_path: Path, fingerprint: str, overwrite: bool) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Pick and build an executor for the runtime from a checkpoint/engine directory and a few options.
 
-The CLI (generate, bench, demo) and the server all come through here, so a backend is added in one place.
+The engine factory (LLMEngine.from_options: generate, bench, the demo, the server) comes through here, so a
+backend is added in one place. RuntimeOptions lives in options.py (no torch there: the CLI reads it at import).
 """
 
 from __future__ import annotations
@@ -14,30 +15,9 @@ import torch
 from trtfalcon.config import FalconH1Config
 from trtfalcon.errors import ConfigError
 from trtfalcon.runtime.executors.base import Executor
+from trtfalcon.runtime.options import RuntimeOptions
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-KERNELS = ("auto", "torch", "reference", "triton")
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    """What sizes the caches and the batches. Defaults suit the tiny model on a CPU."""
-
-    max_batch_size: int = 64
-    max_num_tokens: int = 512
-    max_seq_len: int | None = None  # default: the model's max_position_embeddings, capped at 4096 on CPU
-    block_size: int = 16
-    num_blocks: int | None = None  # default: every sequence at full length (no preemption)
-    kv_dtype: str | None = None  # None / "auto": the weights' dtype (torch) or the export's; "fp8": FP8 KV cache
-    ssm_dtype: str = "fp32"
-    device: str = "cpu"
-    kernels: str = "auto"
-    dtype: str | None = None  # weights' compute dtype; default: the checkpoint's (fp32 for an HF checkpoint)
-    num_threads: int | None = None  # CPU threads; default: 1 for tiny models (parallel overhead dominates)
-
-    def resolved_max_seq_len(self, cfg: FalconH1Config) -> int:
-        cap = cfg.max_position_embeddings if self.device != "cpu" else min(cfg.max_position_embeddings, 4096)
-        return self.max_seq_len or cap
 
 
 @dataclass(frozen=True)
@@ -62,10 +42,8 @@ def runtime_limits(executor: Executor, opts: RuntimeOptions, cfg: FalconH1Config
 
 def _reject_ignored(backend: str, opts: RuntimeOptions, *names: str) -> None:
     """An option this backend cannot honour is an error, not silently dropped (its value is fixed elsewhere)."""
-    defaults = RuntimeOptions()
-    flags = {"device": "--device", "dtype": "--dtype", "ssm_dtype": "--ssm-state-dtype", "block_size": "--block-size",
-             "kernels": "--kernels"}
-    changed = [flags[n] for n in names if getattr(opts, n) != getattr(defaults, n)]
+    defaults, flags = RuntimeOptions(), RuntimeOptions.flags()
+    changed = [flags[n].name for n in names if getattr(opts, n) != getattr(defaults, n)]
     if changed:
         why = {"onnxruntime": "an ONNX export runs on the CPU with the dtypes it was exported with",
                "tensorrt": "an engine fixes its dtypes, KV block size and kernels when it is built"}[backend]
@@ -73,7 +51,7 @@ def _reject_ignored(backend: str, opts: RuntimeOptions, *names: str) -> None:
                           f"{'it' if len(changed) == 1 else 'them'} at the default")
 
 
-def _default_num_blocks(opts: RuntimeOptions, max_seq_len: int, block_bytes: int, state_bytes: int,
+def default_kv_blocks(opts: RuntimeOptions, max_seq_len: int, block_bytes: int, state_bytes: int,
                         available: int | None, where: str) -> int:
     """Blocks for every sequence at full length (no preemption), but no more than fits in 90% of `available`
     memory after the Mamba state pools; at least one full-length sequence must fit, or the error says what does."""
@@ -132,7 +110,7 @@ def create_executor(backend: str, checkpoint: str | Path, opts: RuntimeOptions) 
             weight_bytes = 0 if opts.device == "cpu" else sum(t.numel() * t.element_size()
                                                                for t in weights.tensors.values())
             available = _available_memory(opts.device)
-            num_blocks = _default_num_blocks(opts, max_seq_len, kv_bytes, state_bytes,
+            num_blocks = default_kv_blocks(opts, max_seq_len, kv_bytes, state_bytes,
                                              None if available is None else available - weight_bytes, opts.device)
         executor = TorchExecutor(
             weights, num_blocks=num_blocks, block_size=opts.block_size, num_slots=opts.max_batch_size,

@@ -1,6 +1,6 @@
 """LLMEngine: requests -> scheduler -> StepBatch -> executor -> logits -> sampler -> outputs.
 
-    engine = LLMEngine(executor, max_batch_size=64, max_num_tokens=2048, max_seq_len=4096, eos_token_ids=(11,))
+    engine = LLMEngine.from_options("torch", checkpoint_dir, RuntimeOptions(max_batch_size=64))
     outputs = engine.generate([Request("a", prompt_ids, SamplingParams(max_new_tokens=32))])
 
 or drive it step by step (a server, a benchmark with a concurrency limit):
@@ -17,15 +17,24 @@ n samples of one prompt (SamplingParams(n=4), DeepConf's parallel traces): `add_
 outputs, request ids f"{request_id}/{k}"; each sample is a request of its own from then on (its own deltas,
 finish reason, `cancel("rid/k")`), while `cancel("rid")` ends all of them. The prompt is prefilled once and the
 samples fork its caches (scheduler.py). `generate` lists the n samples of a request consecutively, in sample order.
+
+`from_options` is how generate, bench, the demo and the server build an engine (as vLLM's
+LLMEngine.from_engine_args): the backend's executor (runtime/backends.py), limits capped by what that executor can
+run, the model's EOS ids. The constructor takes an executor and explicit limits (tests, the host-overhead bench).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
+from trtfalcon.config import FalconH1Config
+from trtfalcon.runtime import backends
+from trtfalcon.runtime.backends import RuntimeLimits
 from trtfalcon.runtime.executors.base import Executor
+from trtfalcon.runtime.options import RuntimeOptions
 from trtfalcon.runtime.request import Request, RequestOutput, StreamDelta
 from trtfalcon.runtime.sampler import Sampler
 from trtfalcon.runtime.scheduler import FINISHED, ScheduledStep, Scheduler
@@ -92,6 +101,23 @@ class LLMEngine:
         self.step_log: list[StepLog] = []
         self.num_steps = 0
         self._ended: list[RequestOutput] = []  # rejected or cancelled between steps: reported by the next step()
+        # what from_options built this engine from (None when constructed directly)
+        self.config: FalconH1Config | None = None
+        self.options: RuntimeOptions | None = None
+        self.limits: RuntimeLimits | None = None
+
+    @classmethod
+    def from_options(cls, backend: str, path: str | Path, opts: RuntimeOptions, **engine_kwargs: Any) -> LLMEngine:
+        """The engine `backend` runs for `path` (a checkpoint, an ONNX export or an engine directory), sized by
+        `opts` capped by what the executor can run (runtime_limits: a TensorRT engine's profile, the state slots),
+        stopping at the model's EOS ids. engine_kwargs: the constructor's other settings (seed, stream, ...).
+        `config`, `options` and `limits` say what it was built from."""
+        executor, cfg = backends.create_executor(backend, path, opts)  # looked up here: tests stand in for it
+        lim = backends.runtime_limits(executor, opts, cfg)
+        engine = cls(executor, max_batch_size=lim.max_batch_size, max_num_tokens=lim.max_num_tokens,
+                     max_seq_len=lim.max_seq_len, eos_token_ids=cfg.eos_token_id, **engine_kwargs)
+        engine.config, engine.options, engine.limits = cfg, opts, lim
+        return engine
 
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> RequestOutput:

@@ -7,8 +7,8 @@ same clock), first token and finish, from which the benchmark derives TTFT and T
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
 
 FINISH_REASONS = ("length", "stop", "cancelled", "error")
 
@@ -135,6 +135,17 @@ class RequestOutput:
         if self.first_token_time is None or self.finish_time is None or len(self.token_ids) < 2:
             return None
         return (self.finish_time - self.first_token_time) / (len(self.token_ids) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a user reads, JSON-ready (`trtfalcon generate --json` prints it after the prompt's index and sample):
+        prompt_ids, token_ids, finish_reason, then error only when set and logprobs only when asked for."""
+        out: dict[str, Any] = {"prompt_ids": self.prompt_ids, "token_ids": self.token_ids,
+                               "finish_reason": self.finish_reason}
+        if self.error:
+            out["error"] = self.error
+        if self.logprobs is not None:
+            out["logprobs"] = [asdict(lp) for lp in self.logprobs]
+        return out
 
 
 @dataclass

@@ -36,7 +36,7 @@ import numpy as np
 
 from trtfalcon.errors import RequestError
 from trtfalcon.runtime.request import Request, StreamDelta, TokenLogprobs
-from trtfalcon.serve.repository import ServeSettings, runtime_options
+from trtfalcon.serve.repository import ServeSettings, instance_runtime_options
 from trtfalcon.serve.requests import ParsedRequest, parse_request, serve_limits
 from trtfalcon.serve.text import TextStream, ThreadLocalTokenizer, load_tokenizer
 
@@ -64,23 +64,20 @@ class ServedModel:
 
     def __init__(self, pb: Any, settings: ServeSettings, version_dir: str | Path, device: str = "cpu",
                  name: str = "trtfalcon") -> None:
-        from trtfalcon.runtime.backends import create_executor, runtime_limits
         from trtfalcon.runtime.llm import LLMEngine
 
         self.pb = pb
         self.name = name
         self.settings = settings
-        opts = runtime_options(settings.runtime, device)
+        opts = instance_runtime_options(settings.runtime, device)
         model_dir = settings.resolve(version_dir, "model_dir")
-        executor, cfg = create_executor(settings.backend, model_dir, opts)
-        self.config = cfg
+        self.engine = LLMEngine.from_options(settings.backend, model_dir, opts, seed=settings.seed, stream=True,
+                                             log_steps=False)
+        cfg = self.config = self.engine.config
         # An executor built for fixed limits (a TensorRT engine's optimization profile) may serve less than the
         # options ask; the engine's scheduler and the request checks must use what it can actually run.
-        lim = runtime_limits(executor, opts, cfg)
+        lim = self.engine.limits
         max_batch_size, max_num_tokens, max_seq_len = lim.max_batch_size, lim.max_num_tokens, lim.max_seq_len
-        self.engine = LLMEngine(executor, max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
-                                max_seq_len=max_seq_len, eos_token_ids=cfg.eos_token_id, seed=settings.seed,
-                                stream=True, log_steps=False)
         tok_dir = settings.resolve(version_dir, "tokenizer_dir")
         # Triton's thread encodes while the engine thread decodes: each thread gets its own tokenizer.
         self.tokenizer = (ThreadLocalTokenizer(tok_dir, first=load_tokenizer(tok_dir))

@@ -100,7 +100,7 @@ class InstancePlan:
         return "KIND_GPU" if self.gpus else "KIND_CPU"
 
 
-def runtime_options(runtime: dict[str, Any], device: str):  # noqa: ANN201 - RuntimeOptions, imported lazily
+def instance_runtime_options(runtime: dict[str, Any], device: str):  # noqa: ANN201 - RuntimeOptions, imported lazily
     """trtfalcon.json's runtime fields + the instance's device -> RuntimeOptions, naming any unknown field."""
     from trtfalcon.runtime.backends import RuntimeOptions
 
@@ -188,7 +188,7 @@ def write_repository(out: str | Path, *, model_dir: str | Path, backend: str, mo
             raise ConfigError(f"{tokenizer_dir}: expected a tokenizer (tokenizer.json or tokenizer.model), found none")
     runtime = dict(runtime or {})
     runtime.pop("device", None)  # per instance, from the instance group
-    runtime_options(runtime, "cpu")  # unknown or mistyped fields fail here, not when Triton loads the model
+    instance_runtime_options(runtime, "cpu")  # unknown or mistyped fields fail here, not when Triton loads the model
     serve_limits(dict(limits or {}), vocab_size=1, max_seq_len=1)
 
     settings = ServeSettings(backend=backend, model_dir=str(model_dir),
