@@ -1,4 +1,4 @@
-"""ModelOpt FP8 unified Hugging Face checkpoints -> the FP8 deploy format (trtfalcon.quantize.fp8_format).
+"""ModelOpt FP8 unified Hugging Face checkpoints -> the FP8 deploy format (trtfalcon.checkpoint.deploy_fp8).
 
 The input is what `trtfalcon quantize` writes and what vLLM / SGLang / TensorRT-LLM read (ModelOpt's
 `export_hf_checkpoint`): per quantized nn.Linear `<m>.weight` float8_e4m3fn, `<m>.weight_scale` and
@@ -43,7 +43,7 @@ from trtfalcon.checkpoint.safetensors_io import (
 )
 from trtfalcon.config import FalconH1Config
 from trtfalcon.errors import CheckpointError
-from trtfalcon.quantize.fp8_format import (
+from trtfalcon.checkpoint.deploy_fp8 import (
     FP8_DTYPE, KV_SCALES, QUANTIZED_LINEARS, dequantize_weight, fp8_tensor_specs, quantization_meta,
 )
 

@@ -16,7 +16,7 @@ The graph computes exactly trtfalcon/model/layers.py (FalconH1Model.forward), no
     logits = Cast<float>(Gemm(rms_norm(h[cu_seqlens[1:] - 1]), lm_head))
 
 A linear is Gemm(x, W, b, transB=1): the deploy weight's (out, in) layout as stored, so weights stream from the
-checkpoint to the data file without a transpose. An FP8 linear (trtfalcon/quantize/fp8_format.py) is
+checkpoint to the data file without a transpose. An FP8 linear (trtfalcon/checkpoint/deploy_fp8.py) is
     QuantizeLinear(x, input_scale, fp8 zero point, saturate=1) -> DequantizeLinear -> Gemm <- DequantizeLinear(W fp8,
     weight_scale per row, axis=0)
 which TensorRT 11 (strongly typed) fuses into an FP8 GEMM; conv1d, norms, embeddings and lm_head never get Q/DQ.

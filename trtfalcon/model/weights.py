@@ -15,7 +15,7 @@ from trtfalcon.checkpoint.hf import HFCheckpoint
 from trtfalcon.checkpoint.safetensors_io import SafetensorsReader, torch_dtype
 from trtfalcon.config import DEPLOY_FORMAT_VERSION, FalconH1Config
 from trtfalcon.errors import CheckpointError
-from trtfalcon.quantize.fp8_format import FP8_DTYPE, dequantize_weight, fp8_tensor_specs
+from trtfalcon.checkpoint.deploy_fp8 import FP8_DTYPE, dequantize_weight, fp8_tensor_specs
 
 
 @dataclass
@@ -37,7 +37,7 @@ class DeployWeights:
 
     def dense(self, name: str) -> torch.Tensor:
         """A weight in the compute dtype: FP8 weights are dequantized (weight * weight_scale per row) once and
-        cached, which is what TensorRT's DequantizeLinear computes (trtfalcon.quantize.fp8_format)."""
+        cached, which is what TensorRT's DequantizeLinear computes (trtfalcon.checkpoint.deploy_fp8)."""
         t = self.tensors[name]
         if t.dtype != FP8_DTYPE:
             return t
@@ -90,14 +90,14 @@ def _load_deploy(directory: Path, dtype: str | None) -> DeployWeights:
     reader = SafetensorsReader(directory)
     reader.check_index()
     expected = deploy_tensor_shapes(cfg)
-    # FP8 weights stay float8 and their scales fp32 (never cast to the compute dtype); quantize/fp8_format.py
+    # FP8 weights stay float8 and their scales fp32 (never cast to the compute dtype); checkpoint/deploy_fp8.py
     fp8 = fp8_tensor_specs(expected, cfg.num_hidden_layers, meta.get("quantization"), str(directory / "config.json"))
     tensors = {}
     for name in {**expected, **fp8}:
         shape, want = fp8.get(name) or (expected[name], deploy_dtype_of(name, tdtype))
         if name in fp8 and name not in reader:
             raise CheckpointError(f"{directory}: tensor '{name}' is missing (config.json declares FP8 "
-                                  f"quantization, which needs it: quantize/fp8_format.py)")
+                                  f"quantization, which needs it: checkpoint/deploy_fp8.py)")
         info = reader.info(name)
         if info.shape != shape:
             raise CheckpointError(f"{info.file}: tensor '{name}' has shape {list(info.shape)}, expected {list(shape)}")
