@@ -1,6 +1,6 @@
 """FP8 (E4M3) in a deploy checkpoint: the one definition the converter, the torch executor (fake-quantized),
-the ONNX exporter (explicit Q/DQ) and the TensorRT build share. (ModelOpt calibration, which writes FP8 *HF*
-checkpoints, is trtfalcon/quantize/.)
+the ONNX exporter (explicit Q/DQ) and the TensorRT build share. The rest of the deploy format is deploy.py; this
+file adds what FP8 adds to it. (ModelOpt calibration, which writes FP8 *HF* checkpoints, is trtfalcon/quantize/.)
 
 Deploy tensors of each quantized linear X (the fused names of a deploy checkpoint, QUANTIZED_LINEARS):
     X.weight        float8_e4m3fn (rows, cols)      = round(W / weight_scale[row])
@@ -96,7 +96,7 @@ def fp8_tensor_specs(
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Deploy tensor -> (shape, dtype) for every tensor FP8 adds or retypes; empty without quantization.
 
-    weight_shapes: the deploy tensor shapes (checkpoint.convert.deploy_tensor_shapes)."""
+    weight_shapes: the deploy tensor shapes (checkpoint.deploy.deploy_tensor_shapes)."""
     if not quantization:
         return {}
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from trtfalcon.checkpoint.convert import deploy_dtype_of, deploy_tensor_shapes, is_deploy_checkpoint
+from trtfalcon.checkpoint.deploy import deploy_dtype_of, deploy_tensor_shapes, is_deploy_checkpoint
 from trtfalcon.checkpoint.safetensors_io import SafetensorsReader, row_chunks, torch_dtype
 from trtfalcon.config import DEPLOY_FORMAT_VERSION, FalconH1Config
 from trtfalcon.errors import CheckpointError

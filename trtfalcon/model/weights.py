@@ -8,14 +8,12 @@ from pathlib import Path
 
 import torch
 
-from trtfalcon.checkpoint.convert import (
-    fold_rows, deploy_dtype_of, deploy_sources, deploy_tensor_shapes, is_deploy_checkpoint,
-)
-from trtfalcon.checkpoint.hf import HFCheckpoint
+from trtfalcon.checkpoint.convert import plan_deploy
+from trtfalcon.checkpoint.deploy import deploy_dtype_of, deploy_tensor_shapes, is_deploy_checkpoint
+from trtfalcon.checkpoint.deploy_fp8 import FP8_DTYPE, dequantize_weight, fp8_tensor_specs
 from trtfalcon.checkpoint.safetensors_io import SafetensorsReader, torch_dtype
 from trtfalcon.config import DEPLOY_FORMAT_VERSION, FalconH1Config
 from trtfalcon.errors import CheckpointError
-from trtfalcon.checkpoint.deploy_fp8 import FP8_DTYPE, dequantize_weight, fp8_tensor_specs
 
 
 @dataclass
@@ -55,23 +53,14 @@ def load_weights(directory: str | Path, dtype: str | None = None) -> DeployWeigh
     directory = Path(directory)
     if is_deploy_checkpoint(directory):
         return _load_deploy(directory, dtype)
-    from trtfalcon.checkpoint import fp8
-
-    if fp8.is_quantized_hf_checkpoint(directory):  # ModelOpt FP8: folded in memory, FP8 weights kept
-        cfg, tensors = fp8.load_fp8_hf(directory, dtype or "fp32")
-        return DeployWeights(cfg, tensors, torch_dtype(dtype or "fp32"))
     return fold_hf(directory, dtype or "fp32")
 
 
 def fold_hf(directory: str | Path, dtype: str = "fp32") -> DeployWeights:
-    ckpt = HFCheckpoint(directory)
-    ckpt.validate()
-    tdtype = torch_dtype(dtype)
-    tensors = {
-        name: torch.cat(list(fold_rows(ckpt.reader, sources, deploy_dtype_of(name, tdtype))))
-        for name, sources in deploy_sources(ckpt.config).items()
-    }
-    return DeployWeights(ckpt.config.without_multipliers(), tensors, tdtype)
+    """An HF checkpoint of any source format convert reads, folded in memory into exactly the tensors convert
+    would write (the same plan; ModelOpt FP8 weights stay FP8)."""
+    plan = plan_deploy(directory, dtype)
+    return DeployWeights(plan.config.without_multipliers(), plan.tensors(), torch_dtype(dtype))
 
 
 def _load_deploy(directory: Path, dtype: str | None) -> DeployWeights:
