@@ -23,7 +23,7 @@ NAIVE = r"""
 import sys, json, torch
 from pathlib import Path
 from safetensors.torch import load_file, save_file
-from trtfalcon.checkpoint.convert import deploy_sources, deploy_dtype_of
+from trtfalcon.checkpoint.deploy import deploy_sources, deploy_dtype_of
 from trtfalcon.config import FalconH1Config
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = FalconH1Config.from_json_file(src)

@@ -10,7 +10,7 @@ Token i of sequence b sits at position p = context_lens[b] + i: its k/v are writ
 block_tables[b, p // block_size], row p % block_size, and it attends to positions 0..p (causal).
 Returns (num_tokens, Hq, D) in q's dtype; softmax in fp32, scale = D**-0.5 unless given.
 
-FP8 KV cache (kv_cache float8_e4m3fn, trtfalcon/quantize/fp8_format.py): k_scale, v_scale are the layer's fp32
+FP8 KV cache (kv_cache float8_e4m3fn, trtfalcon/checkpoint/deploy_fp8.py): k_scale, v_scale are the layer's fp32
 scalars (shape ()) calibrated by ModelOpt; a row is written as fp8(clamp(k / k_scale, -448, 448)) (round to
 nearest even, saturating, exactly quantize_fp8) and read as cache * k_scale (v likewise); absent scales mean 1.
 Only an FP8 cache reads the scales: a bf16/fp32 cache ignores them (graph formats always pass them, as 1.0), so it
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from trtfalcon.quantize.fp8_format import FP8_DTYPE, quantize_fp8
+from trtfalcon.checkpoint.deploy_fp8 import FP8_DTYPE, quantize_fp8
 
 
 def to_cache(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:

@@ -10,7 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from trtfalcon.checkpoint.convert import convert_checkpoint, deploy_tensor_shapes
+from trtfalcon.checkpoint.convert import QUANTIZED_PLANNERS, convert_checkpoint
+from trtfalcon.checkpoint.dense import plan_dense_deploy
+from trtfalcon.checkpoint.deploy import deploy_tensor_shapes
 from trtfalcon.checkpoint.synth import synth_checkpoint
 from trtfalcon.config import FalconH1Config, preset_dict
 from trtfalcon.errors import CheckpointError, ConfigError
@@ -202,6 +204,29 @@ def test_index_naming_a_missing_shard(tmp_path):
     shards = sorted((tmp_path / "s").glob("model-*.safetensors"))
     shards[1].unlink()
     _convert_fails(tmp_path / "s", tmp_path, "names shard .* which is missing")
+
+
+def test_planner_table_refuses_an_unknown_quantization_and_one_entry_adds_a_format(src, tmp_path, monkeypatch):
+    """A quantized checkpoint is planned by the quant_algo it declares (QUANTIZED_PLANNERS): one with no planner is
+    refused by name before any output; one entry makes convert write it and load_weights fold it, the same bytes."""
+    (src / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "NVFP4"}}))
+    _convert_fails(src, tmp_path, r"hf_quant_config\.json: quant_algo is 'NVFP4'; trtfalcon reads FP8 only")
+    with pytest.raises(CheckpointError, match="quant_algo is 'NVFP4'; trtfalcon reads FP8 only"):
+        load_weights(src)
+
+    def plan_nvfp4(hf_dir, dtype):  # what a new planner module returns: a plan plus its config records
+        plan = plan_dense_deploy(hf_dir, dtype)
+        plan.records["quantization"] = {"quant_algo": "NVFP4"}
+        plan.metadata["quantization"] = "NVFP4"
+        return plan
+
+    monkeypatch.setitem(QUANTIZED_PLANNERS, "NVFP4", plan_nvfp4)
+    out = convert_checkpoint(src, tmp_path / "out", dtype="fp32")
+    assert json.loads((out / "config.json").read_text())["trtfalcon"]["quantization"] == {"quant_algo": "NVFP4"}
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert f.metadata()["quantization"] == "NVFP4"
+    written, in_memory = _read_all(out), load_weights(src).tensors
+    assert written.keys() == in_memory.keys() and all(torch.equal(written[k], in_memory[k]) for k in written)
 
 
 def test_unwritable_output_leaves_nothing(tiny_hf, tmp_path):

@@ -13,7 +13,7 @@ from trtfalcon.model import layers
 from trtfalcon.model.layers import FalconH1Model
 from trtfalcon.model.weights import DeployWeights, load_weights
 from trtfalcon.plugins.ops import get_ops
-from trtfalcon.quantize.fp8_format import FP8_MAX, QUANTIZED_LINEARS, quantize_fp8
+from trtfalcon.checkpoint.deploy_fp8 import FP8_MAX, QUANTIZED_LINEARS, quantize_fp8
 from trtfalcon.runtime.contract import StepBatch
 
 BLOCK_SIZE, NUM_BLOCKS, NUM_SLOTS = 4, 24, 4
@@ -93,7 +93,7 @@ def calibrate_kv_amax(weights: DeployWeights, batch: StepBatch) -> dict[str, flo
 
 
 def make_fp8_deploy(deploy_dir: Path, out: Path, kv_cache: bool = False) -> DeployWeights:
-    """An FP8 deploy checkpoint per trtfalcon/quantize/fp8_format.py from an fp32 one: per-row weight scales
+    """An FP8 deploy checkpoint per trtfalcon/checkpoint/deploy_fp8.py from an fp32 one: per-row weight scales
     (row amax / 448), per-tensor input scales from a calibration prefill; kv_cache: also k/v scales (amax / 448)
     for an FP8 KV cache. Returns the same tensors as DeployWeights (what the torch executor runs, fake-quantized)."""
     weights = load_weights(deploy_dir)

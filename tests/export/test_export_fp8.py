@@ -1,5 +1,5 @@
 """FP8: the explicit Q/DQ graph in onnxruntime computes what the torch executor computes on the same FP8 deploy
-checkpoint (fake-quantized, trtfalcon/quantize/fp8_format.py), and only the six quantized linears get Q/DQ."""
+checkpoint (fake-quantized, trtfalcon/checkpoint/deploy_fp8.py), and only the six quantized linears get Q/DQ."""
 
 import onnx
 import pytest
@@ -8,7 +8,7 @@ from onnx import TensorProto
 
 from trtfalcon.export import MODEL_FILE, export_onnx, read_manifest
 from trtfalcon.model.weights import load_weights
-from trtfalcon.quantize.fp8_format import QUANTIZED_LINEARS
+from trtfalcon.checkpoint.deploy_fp8 import QUANTIZED_LINEARS
 from trtfalcon.runtime.executors.onnxruntime import OnnxRuntimeExecutor
 from trtfalcon.runtime.executors.torch import TorchExecutor
 from trtfalcon.runtime.llm import LLMEngine

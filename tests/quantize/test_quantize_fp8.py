@@ -35,7 +35,7 @@ def _read(directory):
 
 
 def _fake_quant(x, s):
-    """E4M3 quantize-dequantize, written here independently of trtfalcon.quantize.fp8_format."""
+    """E4M3 quantize-dequantize, written here independently of trtfalcon.checkpoint.deploy_fp8."""
     return (x / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(torch.float32) * s
 
 

@@ -1,11 +1,12 @@
-"""ModelOpt FP8 unified Hugging Face checkpoints -> the FP8 deploy format (trtfalcon.quantize.fp8_format).
+"""ModelOpt FP8 unified Hugging Face checkpoints -> a DeployPlan in the FP8 deploy format (deploy_fp8.py).
 
 The input is what `trtfalcon quantize` writes and what vLLM / SGLang / TensorRT-LLM read (ModelOpt's
 `export_hf_checkpoint`): per quantized nn.Linear `<m>.weight` float8_e4m3fn, `<m>.weight_scale` and
 `<m>.input_scale` fp32 (per tensor), `self_attn.{k,v}_proj.{k,v}_scale` for an FP8 KV cache, hf_quant_config.json
-and config.json["quantization_config"] (quant_method "modelopt"). Everything else is the usual HF tensors.
+and config.json["quantization_config"] (quant_method "modelopt", hf.read_quant_config). Everything else is the
+usual HF tensors.
 
-Folding the muP multipliers (checkpoint/convert.py) with FP8, exactly. ModelOpt quantizes each Linear's input as
+Folding the muP multipliers (deploy.py) with FP8, exactly. ModelOpt quantizes each Linear's input as
 the HF module sees it, and for q/k/v and in_proj that input is already multiplied: q_proj(n * a) with
 a = attention_in_multiplier, in_proj(n * s) with s = ssm_in_multiplier. The deploy graph feeds n and carries a
 (or s) in the weight. Since fake_quant(a * n, S) = a * fake_quant(n, S / a) for a > 0 (E4M3 rounding is scale
@@ -26,77 +27,30 @@ fused linear with one bf16 source) is dequantized and folded in fp32, and the de
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from trtfalcon.checkpoint.convert import (
-    SIDE_FILES, Source, deploy_config_dict, deploy_dtype_of, deploy_sources, deploy_tensor_shapes, fold_rows,
+from trtfalcon.checkpoint.deploy import (
+    DeployPlan, Source, deploy_dtype_of, deploy_sources, deploy_tensor_shapes, fold_rows,
 )
-from trtfalcon.checkpoint.hf import hf_tensor_shapes
-from trtfalcon.checkpoint.safetensors_io import (
-    SafetensorsReader, TensorSpec, atomic_output_dir, row_chunks, torch_dtype, write_sharded,
-)
-from trtfalcon.config import FalconH1Config
-from trtfalcon.errors import CheckpointError
-from trtfalcon.quantize.fp8_format import (
+from trtfalcon.checkpoint.deploy_fp8 import (
     FP8_DTYPE, KV_SCALES, QUANTIZED_LINEARS, dequantize_weight, fp8_tensor_specs, quantization_meta,
 )
-
-HF_QUANT_CONFIG = "hf_quant_config.json"
-
-
-@dataclass(frozen=True)
-class HFQuantConfig:
-    quant_algo: str
-    kv_cache_fp8: bool
-    exclude_modules: tuple[str, ...]
-    source: str
+from trtfalcon.checkpoint.hf import HFQuantConfig, hf_tensor_shapes, read_quant_config
+from trtfalcon.checkpoint.safetensors_io import SafetensorsReader, TensorSpec, row_chunks, torch_dtype
+from trtfalcon.config import FalconH1Config
+from trtfalcon.errors import CheckpointError
 
 
-def is_quantized_hf_checkpoint(directory: str | Path) -> bool:
-    """An HF checkpoint that declares a quantization (hf_quant_config.json or config.json quantization_config)."""
-    d = Path(directory)
-    if (d / HF_QUANT_CONFIG).is_file():
-        return True
-    try:
-        raw = json.loads((d / "config.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(raw, dict) and isinstance(raw.get("quantization_config"), dict)
-
-
-def read_quant_config(directory: str | Path) -> HFQuantConfig:
-    """ModelOpt's hf_quant_config.json, else config.json["quantization_config"]; only FP8 (per tensor) is read."""
-    d = Path(directory)
-    path = d / HF_QUANT_CONFIG
-    if path.is_file():
-        try:
-            q = json.loads(path.read_text())["quantization"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: expected {{\"quantization\": {{\"quant_algo\": ...}}}} ({e})") from e
-        algo, kv, exclude = q.get("quant_algo"), q.get("kv_cache_quant_algo"), q.get("exclude_modules") or []
-        where = str(path)
-    else:
-        where = f"{d / 'config.json'}: quantization_config"
-        q = json.loads((d / "config.json").read_text())["quantization_config"]
-        method = q.get("quant_method")
-        if method != "modelopt":
-            raise CheckpointError(
-                f"{where}.quant_method is {method!r}; trtfalcon reads ModelOpt FP8 checkpoints (quant_method "
-                "'modelopt', as `trtfalcon quantize` and ModelOpt's export_hf_checkpoint write them)"
-            )
-        algo, exclude = q.get("quant_algo"), q.get("ignore") or q.get("exclude_modules") or []
-        kv = q.get("kv_cache_quant_algo") or ("FP8" if q.get("kv_cache_scheme") else None)
-    if algo != "FP8":
-        raise CheckpointError(f"{where}: quant_algo is {algo!r}; trtfalcon reads FP8 (per-tensor E4M3) only")
-    if kv not in (None, "FP8"):
-        raise CheckpointError(f"{where}: kv_cache_quant_algo is {kv!r}; expected 'FP8' or null")
-    return HFQuantConfig("FP8", kv == "FP8", tuple(exclude), where)
+def read_fp8_quant_config(directory: str | Path) -> HFQuantConfig:
+    """hf.read_quant_config of a ModelOpt FP8 checkpoint: quant_algo must be 'FP8' (per-tensor E4M3)."""
+    q = read_quant_config(directory)
+    if q.quant_algo != "FP8":
+        raise CheckpointError(f"{q.source}: quant_algo is {q.quant_algo!r}; expected 'FP8' (per-tensor E4M3, a "
+                              "ModelOpt FP8 checkpoint)")
+    return q
 
 
 class FP8HFCheckpoint:
@@ -105,7 +59,7 @@ class FP8HFCheckpoint:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.config: FalconH1Config = FalconH1Config.from_json_file(self.directory / "config.json")
-        self.quant = read_quant_config(self.directory)
+        self.quant = read_fp8_quant_config(self.directory)
         self.reader = SafetensorsReader(self.directory)
         self.reader.check_index()
         self.fp8_modules: set[str] = set()  # HF module names whose weight is FP8
@@ -181,17 +135,11 @@ def input_multiplier(cfg: FalconH1Config, deploy_linear: str) -> float:
     return {"attn.qkv_proj": cfg.attention_in_multiplier, "mamba.in_proj": cfg.ssm_in_multiplier}.get(leaf, 1.0)
 
 
-@dataclass
-class DeployPlan:
-    """Every deploy tensor (spec) and how to produce it, plus the deploy config's quantization object."""
-
-    specs: list[TensorSpec]
-    produce: Callable[[TensorSpec], Iterator[torch.Tensor]]
-    quantization: dict
-
-
-def plan_fp8_deploy(ckpt: FP8HFCheckpoint, dtype: str) -> DeployPlan:
-    """The FP8 deploy checkpoint of a validated FP8 HF checkpoint, as a streaming plan (one row chunk at a time)."""
+def plan_fp8_deploy(hf_dir: Path, dtype: str) -> DeployPlan:
+    """The FP8 deploy checkpoint of an FP8 HF checkpoint, validated before anything is planned, as a streaming
+    plan (one row chunk at a time)."""
+    ckpt = FP8HFCheckpoint(hf_dir)
+    ckpt.validate()
     cfg, reader = ckpt.config, ckpt.reader
     tdtype = torch_dtype(dtype)
     sources = deploy_sources(cfg)
@@ -241,7 +189,8 @@ def plan_fp8_deploy(ckpt: FP8HFCheckpoint, dtype: str) -> DeployPlan:
     missing = set(fp8) - {s.name for s in specs}
     if missing:  # the format's list and this plan must agree; a mismatch is a bug here, not in the input
         raise CheckpointError(f"internal: FP8 deploy plan lacks {sorted(missing)[:3]}")
-    return DeployPlan(specs, lambda spec: producers[spec.name](), quantization)
+    return DeployPlan(cfg, specs, producers, records={"quantization": {**quantization, "source": ckpt.quant.source}},
+                      metadata={"quantization": "FP8"})
 
 
 def _fp8_rows(reader: SafetensorsReader, srcs: list[Source]) -> Iterator[torch.Tensor]:
@@ -279,44 +228,3 @@ def _dequantized_rows(ckpt: FP8HFCheckpoint, srcs: list[Source], module: Callabl
             if src.row_scale is not None:
                 t = t * src.row_scale[start:end, None]
             yield t.to(dtype)
-
-
-def load_fp8_hf(directory: str | Path, dtype: str) -> tuple[FalconH1Config, dict[str, torch.Tensor]]:
-    """An FP8 HF checkpoint folded into FP8 deploy tensors in memory (model.weights.load_weights uses this)."""
-    ckpt = FP8HFCheckpoint(directory)
-    ckpt.validate()
-    plan = plan_fp8_deploy(ckpt, dtype)
-    tensors = {}
-    for spec in plan.specs:
-        pieces = list(plan.produce(spec))
-        tensors[spec.name] = pieces[0] if spec.shape == () else torch.cat(pieces)
-    return ckpt.config.without_multipliers(), tensors
-
-
-def convert_fp8_checkpoint(
-    hf_dir: Path, out_dir: Path, *, dtype: str, max_shard_bytes: int, overwrite: bool,
-    on_tensor: Callable[[TensorSpec], None] | None, on_start: Callable[[int], None] | None,
-) -> Path:
-    """checkpoint.convert.convert_checkpoint for an FP8 HF checkpoint: same layout, plus the FP8 tensors."""
-    ckpt = FP8HFCheckpoint(hf_dir)
-    ckpt.validate()
-    plan = plan_fp8_deploy(ckpt, dtype)
-    if on_start is not None:
-        on_start(sum(s.nbytes for s in plan.specs))
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        write_sharded(tmp, plan.specs, plan.produce, max_shard_bytes, on_tensor,
-                      metadata={"producer": "trtfalcon convert", "format": "trtfalcon-deploy", "quantization": "FP8"})
-        cfg = deploy_config_dict(ckpt.config, dtype, hf_dir)
-        cfg["trtfalcon"]["quantization"] = plan.quantization
-        cfg["trtfalcon"]["quantization"]["source"] = ckpt.quant.source
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        for side in SIDE_FILES:
-            if (hf_dir / side).is_file():
-                shutil.copy2(hf_dir / side, tmp / side)
-    return out_dir
-
-
-__all__ = [
-    "FP8HFCheckpoint", "HFQuantConfig", "convert_fp8_checkpoint", "input_multiplier", "is_quantized_hf_checkpoint",
-    "load_fp8_hf", "plan_fp8_deploy", "read_quant_config",
-]

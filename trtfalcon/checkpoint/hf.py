@@ -1,8 +1,11 @@
 """The Hugging Face Falcon-H1 checkpoint format: tensor names and shapes, as transformers' FalconH1ForCausalLM
-saves them (`modeling_falcon_h1.py`). One place knows these names; synth writes them and convert reads them."""
+saves them (`modeling_falcon_h1.py`), and the quantization a checkpoint declares (ModelOpt's unified HF format).
+One place knows these names; synth writes them and convert reads them."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from trtfalcon.checkpoint.safetensors_io import SafetensorsReader
@@ -91,3 +94,58 @@ class HFCheckpoint:
                 f"{self.directory}: unexpected tensors for this config ({', '.join(unexpected[:5])}"
                 f"{' ...' if len(unexpected) > 5 else ''}); is config.json from this checkpoint?"
             )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Quantized HF checkpoints: what `trtfalcon quantize` and ModelOpt's export_hf_checkpoint write, and what vLLM /
+# SGLang / TensorRT-LLM read: hf_quant_config.json, and config.json["quantization_config"] (quant_method "modelopt").
+
+HF_QUANT_CONFIG = "hf_quant_config.json"
+
+
+@dataclass(frozen=True)
+class HFQuantConfig:
+    quant_algo: str | None  # as declared ("FP8", "NVFP4", ...): convert.py chooses the planner by it
+    kv_cache_fp8: bool
+    exclude_modules: tuple[str, ...]
+    source: str  # where it was read, for messages
+
+
+def is_quantized_hf_checkpoint(directory: str | Path) -> bool:
+    """An HF checkpoint that declares a quantization (hf_quant_config.json or config.json quantization_config)."""
+    d = Path(directory)
+    if (d / HF_QUANT_CONFIG).is_file():
+        return True
+    try:
+        raw = json.loads((d / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(raw, dict) and isinstance(raw.get("quantization_config"), dict)
+
+
+def read_quant_config(directory: str | Path) -> HFQuantConfig:
+    """ModelOpt's hf_quant_config.json, else config.json["quantization_config"] (quant_method "modelopt"); the KV
+    cache is FP8 or not quantized. Which quant_algo trtfalcon reads is convert.py's planner table."""
+    d = Path(directory)
+    path = d / HF_QUANT_CONFIG
+    if path.is_file():
+        try:
+            q = json.loads(path.read_text())["quantization"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: expected {{\"quantization\": {{\"quant_algo\": ...}}}} ({e})") from e
+        algo, kv, exclude = q.get("quant_algo"), q.get("kv_cache_quant_algo"), q.get("exclude_modules") or []
+        where = str(path)
+    else:
+        where = f"{d / 'config.json'}: quantization_config"
+        q = json.loads((d / "config.json").read_text())["quantization_config"]
+        method = q.get("quant_method")
+        if method != "modelopt":
+            raise CheckpointError(
+                f"{where}.quant_method is {method!r}; trtfalcon reads ModelOpt FP8 checkpoints (quant_method "
+                "'modelopt', as `trtfalcon quantize` and ModelOpt's export_hf_checkpoint write them)"
+            )
+        algo, exclude = q.get("quant_algo"), q.get("ignore") or q.get("exclude_modules") or []
+        kv = q.get("kv_cache_quant_algo") or ("FP8" if q.get("kv_cache_scheme") else None)
+    if kv not in (None, "FP8"):
+        raise CheckpointError(f"{where}: kv_cache_quant_algo is {kv!r}; expected 'FP8' or null")
+    return HFQuantConfig(algo, kv == "FP8", tuple(exclude), where)

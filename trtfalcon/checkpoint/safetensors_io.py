@@ -314,3 +314,9 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_differs(input_dir: str | Path, out_dir: str | Path) -> None:
+    """A stage may not write over its own input: atomic_output_dir would replace the directory being read."""
+    if Path(input_dir).resolve() == Path(out_dir).resolve():
+        raise CheckpointError(f"{out_dir}: the output directory must differ from the input checkpoint")

@@ -206,8 +206,8 @@ def _fingerprint(bc: BuildConfig, checkpoint: Path) -> str:
 
 
 def _checkpoint_kind(checkpoint: Path) -> str:
-    from trtfalcon.checkpoint.convert import is_deploy_checkpoint
-    from trtfalcon.checkpoint.fp8 import is_quantized_hf_checkpoint
+    from trtfalcon.checkpoint.deploy import is_deploy_checkpoint
+    from trtfalcon.checkpoint.hf import is_quantized_hf_checkpoint
 
     if is_deploy_checkpoint(checkpoint):
         raw = json.loads((checkpoint / "config.json").read_text())
@@ -222,9 +222,9 @@ def _has_kv_scales(kind: str, checkpoint: Path) -> bool:
     if kind == "deploy-fp8":
         raw = json.loads((checkpoint / "config.json").read_text())
         return (raw["trtfalcon"].get("quantization") or {}).get("kv_cache_quant_algo") == "FP8"
-    from trtfalcon.checkpoint.fp8 import read_quant_config
+    from trtfalcon.checkpoint.fp8 import read_fp8_quant_config
 
-    return read_quant_config(checkpoint).kv_cache_fp8
+    return read_fp8_quant_config(checkpoint).kv_cache_fp8
 
 
 def plan_stages(bc: BuildConfig, kind: str, checkpoint: Path) -> list[str]:

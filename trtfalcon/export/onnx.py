@@ -16,7 +16,7 @@ The graph computes exactly trtfalcon/model/layers.py (FalconH1Model.forward), no
     logits = Cast<float>(Gemm(rms_norm(h[cu_seqlens[1:] - 1]), lm_head))
 
 A linear is Gemm(x, W, b, transB=1): the deploy weight's (out, in) layout as stored, so weights stream from the
-checkpoint to the data file without a transpose. An FP8 linear (trtfalcon/quantize/fp8_format.py) is
+checkpoint to the data file without a transpose. An FP8 linear (trtfalcon/checkpoint/deploy_fp8.py) is
     QuantizeLinear(x, input_scale, fp8 zero point, saturate=1) -> DequantizeLinear -> Gemm <- DequantizeLinear(W fp8,
     weight_scale per row, axis=0)
 which TensorRT 11 (strongly typed) fuses into an FP8 GEMM; conv1d, norms, embeddings and lm_head never get Q/DQ.
@@ -51,8 +51,8 @@ from typing import Any
 import torch
 
 from trtfalcon import __version__
-from trtfalcon.checkpoint.convert import SIDE_FILES, deploy_dtype_of
-from trtfalcon.checkpoint.safetensors_io import atomic_output_dir, torch_dtype
+from trtfalcon.checkpoint.deploy import copy_side_files, deploy_dtype_of, is_deploy_checkpoint
+from trtfalcon.checkpoint.safetensors_io import atomic_output_dir, check_output_differs, torch_dtype
 from trtfalcon.config import FalconH1Config
 from trtfalcon.dtypes import FLOAT_NAMES, KV_CACHE_NAMES, lookup
 from trtfalcon.errors import CheckpointError, ConfigError, MissingDependencyError
@@ -116,8 +116,7 @@ def export_onnx(
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise ConfigError(f"opset: expected an integer >= {MIN_OPSET} (float8 Q/DQ and TensorRT 11), found {opset!r}")
     src = open_deploy_checkpoint(checkpoint_dir)
-    if Path(checkpoint_dir).resolve() == out_dir.resolve():
-        raise CheckpointError(f"{out_dir}: the output directory must differ from the input checkpoint")
+    check_output_differs(checkpoint_dir, out_dir)
     compute = torch_dtype(dtype or src.stored_dtype)
     pools = {
         "kv_cache": _state_dtype(kv_dtype, compute, "kv_dtype", KV_CACHE_NAMES),
@@ -148,9 +147,7 @@ def export_onnx(
             write_external_data(emitter.g.external, fh, DATA_FILE, on_tensor)
         save_model_proto(emitter.model(opset), tmp / MODEL_FILE)  # after the data: it holds their offsets
         shutil.copy2(src.directory / "config.json", tmp / "config.json")
-        for side in SIDE_FILES:
-            if (src.directory / side).is_file():
-                shutil.copy2(src.directory / side, tmp / side)
+        copy_side_files(src.directory, tmp)
         manifest = emitter.manifest(opset)
         manifest["external_bytes"] = total
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
@@ -166,8 +163,6 @@ def is_export_dir(directory: str | Path) -> bool:
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     d = Path(directory)
     if not is_export_dir(d):
-        from trtfalcon.checkpoint.convert import is_deploy_checkpoint
-
         if is_deploy_checkpoint(d):
             hint = f"it is a deploy checkpoint: export it first (`trtfalcon export {d} OUT --dtype fp32`), pass OUT"
         else:

@@ -4,7 +4,7 @@ Everything that can be wrong with the input is found here, before a byte is writ
 wrong format version, a missing / misshapen / extra tensor, an FP8 linear without its scales, an FP8 tensor
 where FP8 is not allowed (conv1d, lm_head, norms, embeddings), FP8 KV-cache scales that are missing or misshapen.
 
-FP8 follows trtfalcon/quantize/fp8_format.py, the one definition of the format: config.json's
+FP8 follows trtfalcon/checkpoint/deploy_fp8.py, the one definition of the format: config.json's
 "trtfalcon.quantization" says which linears are FP8 (QUANTIZED_LINEARS of every layer minus exclude_modules), and
 each FP8 linear X has X.weight (float8_e4m3fn, rows x cols), X.weight_scale (fp32, (rows,)), X.input_scale (fp32, ()).
 "kv_cache_quant_algo": "FP8" adds layers.{i}.attn.k_scale / v_scale (fp32, ()), which an FP8 KV export feeds to the
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from trtfalcon.checkpoint.convert import deploy_dtype_of, deploy_tensor_shapes, is_deploy_checkpoint
+from trtfalcon.checkpoint.deploy import deploy_dtype_of, deploy_tensor_shapes, is_deploy_checkpoint
 from trtfalcon.checkpoint.safetensors_io import SafetensorsReader, row_chunks, torch_dtype
 from trtfalcon.config import DEPLOY_FORMAT_VERSION, FalconH1Config
 from trtfalcon.dtypes import FLOAT_NAMES, lookup
 from trtfalcon.errors import CheckpointError
-from trtfalcon.quantize.fp8_format import FP8_DTYPE, QUANTIZED_LINEARS, fp8_tensor_specs, quantized_linears
+from trtfalcon.checkpoint.deploy_fp8 import FP8_DTYPE, QUANTIZED_LINEARS, fp8_tensor_specs, quantized_linears
 
 
 @dataclass
@@ -96,7 +96,7 @@ def open_deploy_checkpoint(directory: str | Path) -> DeploySource:
         if info.shape != shape:
             raise CheckpointError(f"{info.file}: tensor '{name}' has shape {list(info.shape)}, expected {list(shape)}")
 
-    # FP8: which tensors the config's quantization record adds or retypes (one list, quantize/fp8_format.py)
+    # FP8: which tensors the config's quantization record adds or retypes (one list, checkpoint/deploy_fp8.py)
     quant_specs = fp8_tensor_specs(expected, cfg.num_hidden_layers, quant or None, str(cfg_path))
     for name, (shape, dtype) in quant_specs.items():
         if name not in reader and name.endswith(("attn.k_scale", "attn.v_scale")):
@@ -124,7 +124,7 @@ def open_deploy_checkpoint(directory: str | Path) -> DeploySource:
             raise CheckpointError(
                 f"{info.file}: tensor '{name}' is float8_e4m3fn, but config.json's trtfalcon.quantization does not "
                 f"make it an FP8 linear (only {', '.join(QUANTIZED_LINEARS)} of each layer may be FP8; conv1d, "
-                "norms, embeddings and lm_head stay in the deploy dtype: quantize/fp8_format.py)"
+                "norms, embeddings and lm_head stay in the deploy dtype: checkpoint/deploy_fp8.py)"
             )
         want = deploy_dtype_of(name, info.dtype)
         if lookup(info.dtype, "torch").name not in FLOAT_NAMES or (

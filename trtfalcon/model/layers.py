@@ -17,7 +17,7 @@ from trtfalcon.config import FalconH1Config
 from trtfalcon.errors import CheckpointError
 from trtfalcon.model.weights import DeployWeights
 from trtfalcon.plugins.ops import Ops, get_ops
-from trtfalcon.quantize.fp8_format import FP8_DTYPE, KV_SCALES, fake_quant_fp8
+from trtfalcon.checkpoint.deploy_fp8 import FP8_DTYPE, KV_SCALES, fake_quant_fp8
 from trtfalcon.runtime.contract import StepBatch
 
 
@@ -30,7 +30,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def linear(x: torch.Tensor, w: DeployWeights, name: str) -> torch.Tensor:
     """x @ W.T + b. For an FP8 linear (an input_scale is present) the input is fake-quantized to E4M3 and the
-    weight dequantized, as TensorRT's explicit Q/DQ computes it (trtfalcon.quantize.fp8_format)."""
+    weight dequantized, as TensorRT's explicit Q/DQ computes it (trtfalcon.checkpoint.deploy_fp8)."""
     input_scale = w.get(f"{name}.input_scale")
     if input_scale is not None:
         x = fake_quant_fp8(x, input_scale)
@@ -87,7 +87,7 @@ def split_xbc(xbc: torch.Tensor, cfg: FalconH1Config) -> tuple[torch.Tensor, tor
 
 
 def kv_cache_scales(w: DeployWeights, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer i's FP8 KV-cache scales (fp8_format.py: cache = fp8(k / k_scale)). Only an FP8 pool uses them: a
+    """Layer i's FP8 KV-cache scales (deploy_fp8.py: cache = fp8(k / k_scale)). Only an FP8 pool uses them: a
     bf16/fp32 pool ignores scales a checkpoint may carry, so it computes what it did before FP8 KV existed."""
     scales = []
     for leaf in KV_SCALES:

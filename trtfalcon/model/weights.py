@@ -8,14 +8,12 @@ from pathlib import Path
 
 import torch
 
-from trtfalcon.checkpoint.convert import (
-    fold_rows, deploy_dtype_of, deploy_sources, deploy_tensor_shapes, is_deploy_checkpoint,
-)
-from trtfalcon.checkpoint.hf import HFCheckpoint
+from trtfalcon.checkpoint.convert import plan_deploy
+from trtfalcon.checkpoint.deploy import deploy_dtype_of, deploy_tensor_shapes, is_deploy_checkpoint
+from trtfalcon.checkpoint.deploy_fp8 import FP8_DTYPE, dequantize_weight, fp8_tensor_specs
 from trtfalcon.checkpoint.safetensors_io import SafetensorsReader, torch_dtype
 from trtfalcon.config import DEPLOY_FORMAT_VERSION, FalconH1Config
 from trtfalcon.errors import CheckpointError
-from trtfalcon.quantize.fp8_format import FP8_DTYPE, dequantize_weight, fp8_tensor_specs
 
 
 @dataclass
@@ -37,7 +35,7 @@ class DeployWeights:
 
     def dense(self, name: str) -> torch.Tensor:
         """A weight in the compute dtype: FP8 weights are dequantized (weight * weight_scale per row) once and
-        cached, which is what TensorRT's DequantizeLinear computes (trtfalcon.quantize.fp8_format)."""
+        cached, which is what TensorRT's DequantizeLinear computes (trtfalcon.checkpoint.deploy_fp8)."""
         t = self.tensors[name]
         if t.dtype != FP8_DTYPE:
             return t
@@ -55,23 +53,14 @@ def load_weights(directory: str | Path, dtype: str | None = None) -> DeployWeigh
     directory = Path(directory)
     if is_deploy_checkpoint(directory):
         return _load_deploy(directory, dtype)
-    from trtfalcon.checkpoint import fp8
-
-    if fp8.is_quantized_hf_checkpoint(directory):  # ModelOpt FP8: folded in memory, FP8 weights kept
-        cfg, tensors = fp8.load_fp8_hf(directory, dtype or "fp32")
-        return DeployWeights(cfg, tensors, torch_dtype(dtype or "fp32"))
     return fold_hf(directory, dtype or "fp32")
 
 
 def fold_hf(directory: str | Path, dtype: str = "fp32") -> DeployWeights:
-    ckpt = HFCheckpoint(directory)
-    ckpt.validate()
-    tdtype = torch_dtype(dtype)
-    tensors = {
-        name: torch.cat(list(fold_rows(ckpt.reader, sources, deploy_dtype_of(name, tdtype))))
-        for name, sources in deploy_sources(ckpt.config).items()
-    }
-    return DeployWeights(ckpt.config.without_multipliers(), tensors, tdtype)
+    """An HF checkpoint of any source format convert reads, folded in memory into exactly the tensors convert
+    would write (the same plan; ModelOpt FP8 weights stay FP8)."""
+    plan = plan_deploy(directory, dtype)
+    return DeployWeights(plan.config.without_multipliers(), plan.tensors(), torch_dtype(dtype))
 
 
 def _load_deploy(directory: Path, dtype: str | None) -> DeployWeights:
@@ -90,14 +79,14 @@ def _load_deploy(directory: Path, dtype: str | None) -> DeployWeights:
     reader = SafetensorsReader(directory)
     reader.check_index()
     expected = deploy_tensor_shapes(cfg)
-    # FP8 weights stay float8 and their scales fp32 (never cast to the compute dtype); quantize/fp8_format.py
+    # FP8 weights stay float8 and their scales fp32 (never cast to the compute dtype); checkpoint/deploy_fp8.py
     fp8 = fp8_tensor_specs(expected, cfg.num_hidden_layers, meta.get("quantization"), str(directory / "config.json"))
     tensors = {}
     for name in {**expected, **fp8}:
         shape, want = fp8.get(name) or (expected[name], deploy_dtype_of(name, tdtype))
         if name in fp8 and name not in reader:
             raise CheckpointError(f"{directory}: tensor '{name}' is missing (config.json declares FP8 "
-                                  f"quantization, which needs it: quantize/fp8_format.py)")
+                                  f"quantization, which needs it: checkpoint/deploy_fp8.py)")
         info = reader.info(name)
         if info.shape != shape:
             raise CheckpointError(f"{info.file}: tensor '{name}' has shape {list(info.shape)}, expected {list(shape)}")

@@ -2,7 +2,7 @@
 
 Both checkpoints run through the same code (the reference model, model/reference.py), in the same compute dtype
 (fp32 by default), so the difference measured is the quantization alone: the FP8 side computes what TensorRT's
-explicit Q/DQ computes (fake-quantized inputs, dequantized weights, quantize/fp8_format.py), read through the
+explicit Q/DQ computes (fake-quantized inputs, dequantized weights, checkpoint/deploy_fp8.py), read through the
 same FP8 loader `convert` uses (checkpoint/fp8.py), so the folded scales are what is measured.
 
 Per token position of every evaluation sample:

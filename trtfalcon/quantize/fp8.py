@@ -25,7 +25,6 @@ import contextlib
 import copy
 import io
 import json
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -35,9 +34,10 @@ from typing import Any
 
 import torch
 
-from trtfalcon.checkpoint.convert import SIDE_FILES
-from trtfalcon.checkpoint.hf import HFCheckpoint
-from trtfalcon.checkpoint.safetensors_io import atomic_output_dir
+from trtfalcon.checkpoint.deploy import copy_side_files
+from trtfalcon.checkpoint.fp8 import FP8HFCheckpoint
+from trtfalcon.checkpoint.hf import HFCheckpoint, is_quantized_hf_checkpoint
+from trtfalcon.checkpoint.safetensors_io import atomic_output_dir, check_output_differs
 from trtfalcon.errors import CheckpointError, MissingDependencyError
 from trtfalcon.quantize.calibration import CalibrationSet, load_calibration
 
@@ -104,13 +104,10 @@ def quantize_fp8(
     (about 16 GB of RAM in bf16) but slowly; on a GPU the same code runs in minutes."""
     t0 = time.perf_counter()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    if hf_dir.resolve() == out_dir.resolve():
-        raise CheckpointError(f"{out_dir}: the output directory must differ from the input checkpoint")
+    check_output_differs(hf_dir, out_dir)
     if kv_cache_dtype not in (None, "fp8", "auto"):
         raise CheckpointError(f"--kv-cache-dtype: expected fp8 (or leave it unset), found {kv_cache_dtype!r}")
     kv_fp8 = kv_cache_dtype == "fp8"
-    from trtfalcon.checkpoint.fp8 import FP8HFCheckpoint, is_quantized_hf_checkpoint
-
     if is_quantized_hf_checkpoint(hf_dir):
         raise CheckpointError(f"{hf_dir}: is already quantized (hf_quant_config.json / quantization_config); "
                               "quantize its bf16 source instead")
@@ -145,9 +142,7 @@ def quantize_fp8(
         with warnings.catch_warnings(), _quiet_transformers():
             warnings.simplefilter("ignore")
             export_hf_checkpoint(model, export_dir=str(tmp))
-        for side in SIDE_FILES:
-            if (hf_dir / side).is_file() and not (tmp / side).exists():
-                shutil.copy2(hf_dir / side, tmp / side)
+        copy_side_files(hf_dir, tmp)
         record = {"producer": "trtfalcon quantize", "source": str(hf_dir), "format": "fp8", "device": device,
                   "kv_cache_dtype": "fp8" if kv_fp8 else None, "conservative": conservative,
                   "modelopt_config": qcfg, "calibration": calib.describe(), "holdout": calib.holdout}

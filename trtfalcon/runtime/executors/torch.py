@@ -21,7 +21,7 @@ from trtfalcon.runtime.executors.base import TorchPools
 def check_fp8_kv_scales(weights: DeployWeights, source: str = "the checkpoint") -> None:
     """An FP8 KV pool needs every layer's k_scale and v_scale: refuse up front, naming the first missing tensor,
     rather than fail inside the first step (or silently run with scale 1, which saturates real activations)."""
-    from trtfalcon.quantize.fp8_format import KV_SCALES
+    from trtfalcon.checkpoint.deploy_fp8 import KV_SCALES
 
     for i in range(weights.config.num_hidden_layers):
         for leaf in KV_SCALES:

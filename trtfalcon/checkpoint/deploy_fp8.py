@@ -1,5 +1,6 @@
 """FP8 (E4M3) in a deploy checkpoint: the one definition the converter, the torch executor (fake-quantized),
-the ONNX exporter (explicit Q/DQ) and the TensorRT build share.
+the ONNX exporter (explicit Q/DQ) and the TensorRT build share. The rest of the deploy format is deploy.py; this
+file adds what FP8 adds to it. (ModelOpt calibration, which writes FP8 *HF* checkpoints, is trtfalcon/quantize/.)
 
 Deploy tensors of each quantized linear X (the fused names of a deploy checkpoint, QUANTIZED_LINEARS):
     X.weight        float8_e4m3fn (rows, cols)      = round(W / weight_scale[row])
@@ -21,6 +22,8 @@ Semantics (what TensorRT's explicit quantization computes, and what the torch ex
 from __future__ import annotations
 
 import torch
+
+from trtfalcon.errors import ConfigError
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value; scale = amax / FP8_MAX
@@ -73,8 +76,6 @@ def quantization_meta(kv_cache_fp8: bool, exclude_modules: list[str] | tuple[str
 
 def quantized_linears(num_layers: int, quantization: dict, source: str = "config.json") -> list[str]:
     """Deploy names ("layers.{i}.attn.qkv_proj") of the FP8 linears a quantization object describes."""
-    from trtfalcon.errors import ConfigError
-
     algo = quantization.get("quant_algo")
     if algo != "FP8":
         raise ConfigError(f"{source}: trtfalcon.quantization.quant_algo: expected 'FP8', found {algo!r}")
@@ -95,7 +96,7 @@ def fp8_tensor_specs(
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Deploy tensor -> (shape, dtype) for every tensor FP8 adds or retypes; empty without quantization.
 
-    weight_shapes: the deploy tensor shapes (checkpoint.convert.deploy_tensor_shapes)."""
+    weight_shapes: the deploy tensor shapes (checkpoint.deploy.deploy_tensor_shapes)."""
     if not quantization:
         return {}
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
