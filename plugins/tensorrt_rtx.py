@@ -28,6 +28,7 @@ without a GPU.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -137,6 +138,7 @@ def _classes(trt: Any) -> tuple[type, type]:
 
 def _reported(fn):
     """TensorRT turns a Python exception in a callback into one log line; keep the whole error for the build."""
+    @functools.wraps(fn)
     def wrapper(self, *args):
         try:
             return fn(self, *args)
@@ -147,7 +149,6 @@ def _reported(fn):
             if not isinstance(e, TrtFalconError):
                 traceback.print_exc(file=sys.stderr)
             raise
-    wrapper.__name__ = fn.__name__
     return wrapper
 
 

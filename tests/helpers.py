@@ -105,34 +105,6 @@ def run_cli(*args, ok: bool = True):
     return r
 
 
-def wheel_plugin_api_names(wheel, attributes: bool = False) -> set[str]:
-    """Names defined in tensorrt_bindings/plugin/*.py of TensorRT's bindings wheel (functions, classes, assigned
-    names; with `attributes` also assigned attributes and annotated names), read with ast: the wheel is never
-    imported (its .so needs libnvinfer)."""
-    import ast
-    import warnings
-    import zipfile
-
-    names: set[str] = set()
-    with zipfile.ZipFile(wheel) as z:
-        for f in z.namelist():
-            if f.startswith("tensorrt_bindings/plugin/") and f.endswith(".py"):
-                with warnings.catch_warnings():  # NVIDIA's docstrings hold invalid escapes like '\\s'
-                    warnings.simplefilter("ignore", SyntaxWarning)
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    tree = ast.parse(z.read(f))
-                for node in ast.walk(tree):
-                    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-                        names.add(node.name)
-                    elif isinstance(node, ast.Assign):
-                        names.update(t.id for t in node.targets if isinstance(t, ast.Name))
-                        if attributes:
-                            names.update(t.attr for t in node.targets if isinstance(t, ast.Attribute))
-                    elif attributes and isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                        names.add(node.target.id)
-    return names
-
-
 class _CompiledStandInMeta(type):
     def __getattr__(cls, name):  # trt.Logger.WARNING, trt.PluginFieldType.INT32, ...
         return compiled_stand_in_class(name)
