@@ -74,6 +74,11 @@ def register_rtx_plugins(trt: Any, cc: int | None = None) -> list[str]:
     return [f"{DOMAIN}::{name}" for name in _CREATORS]
 
 
+def creators() -> dict[str, Any]:
+    """Plugin name -> its registered creator (what TensorRT calls to make a plugin, at build and at load)."""
+    return dict(_CREATORS)
+
+
 def start_build() -> None:
     """Forget the previous build's observations and errors (call before parsing)."""
     _OBSERVED.clear()
@@ -294,5 +299,5 @@ def _make_classes(trt: Any) -> tuple[type, type]:
     return Plugin, Creator
 
 
-__all__ = ["KERNEL_FIELD", "PTX_FIELD", "PluginBuildError", "build_errors", "build_observations",
+__all__ = ["KERNEL_FIELD", "PTX_FIELD", "PluginBuildError", "build_errors", "build_observations", "creators",
            "register_rtx_plugins", "start_build"]
