@@ -111,3 +111,9 @@ def test_optimization_profile_covers_the_contract():
     assert prof["ssm_state.1"][2] == (8, cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state)
     with pytest.raises(ConfigError, match="symbolic dimension 'weird'"):
         optimization_profile(bc, {"x": ["weird"]})
+
+
+def test_rtx_target_defaults_to_its_gpus_compute_capability():
+    bc = parse_build_config(_cfg(target={"gpu": "RTX5090"}))
+    assert bc.target.builder_name == "tensorrt-rtx" and bc.target.archs == ["sm_120"]
+    assert parse_build_config(_cfg(target={"gpu": "H200"})).target.archs == ["sm_90"]  # unchanged for TensorRT 11

@@ -112,6 +112,16 @@ class TargetSection(_Strict):
             raise ValueError(f"expected one of {', '.join(GPUS)}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _rtx_default_arch(cls, raw: Any) -> Any:
+        """A TensorRT for RTX target without archs is built for its GPU's compute capability (sm_90, the default
+        otherwise, is not one TensorRT for RTX builds for)."""
+        if isinstance(raw, dict) and "archs" not in raw and raw.get("gpu") in GPUS:
+            if (raw.get("builder") or GPUS[raw["gpu"]]["builder"]) == "tensorrt-rtx":
+                return {**raw, "archs": [GPUS[raw["gpu"]]["arch"]]}
+        return raw
+
     @field_validator("archs")
     @classmethod
     def _archs(cls, v: list[str]) -> list[str]:
