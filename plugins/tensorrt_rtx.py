@@ -65,7 +65,7 @@ def register_rtx_plugins(trt: Any, cc: int | None = None) -> list[str]:
     for name, (op, ks) in plugin_kernels().items():
         if name in _CREATORS:
             continue
-        creator = _classes(trt)[1](op, ks, name)
+        creator = plugin_classes(trt)[1](op, ks, name)
         if not registry.register_creator(creator, DOMAIN):
             raise PluginBuildError(f"TensorRT for RTX refused to register the plugin creator {DOMAIN}::{name} "
                                    "(another creator with that name, version 1 and namespace is registered)")
@@ -135,7 +135,8 @@ def _attrs_from_fields(op: OpSpec, got: dict[str, Any]) -> dict[str, Any]:
 _CLASS_CACHE: dict[int, tuple[type, type]] = {}
 
 
-def _classes(trt: Any) -> tuple[type, type]:
+def plugin_classes(trt: Any) -> tuple[type, type]:
+    """(plugin class, creator class) over that TensorRT module's IPluginV3 interfaces."""
     if id(trt) not in _CLASS_CACHE:
         _CLASS_CACHE[id(trt)] = _make_classes(trt)
     return _CLASS_CACHE[id(trt)]
@@ -300,4 +301,4 @@ def _make_classes(trt: Any) -> tuple[type, type]:
 
 
 __all__ = ["KERNEL_FIELD", "PTX_FIELD", "PluginBuildError", "build_errors", "build_observations", "creators",
-           "register_rtx_plugins", "start_build"]
+           "plugin_classes", "register_rtx_plugins", "start_build"]

@@ -158,9 +158,9 @@ def test_calls_fit_tensorrt_for_rtx_signatures(rtx, source):
 def test_plugin_overrides_exist_on_the_ipluginv3_interfaces(rtx):
     """Every method the TensorRT for RTX plugin classes define is one TensorRT calls (it exists on a base interface),
     with the number of arguments TensorRT passes (enqueue included, which no test here can run)."""
-    from trtfalcon.plugins.tensorrt_rtx import _classes
+    from trtfalcon.plugins.tensorrt_rtx import plugin_classes
 
-    for cls in _classes(rtx):
+    for cls in plugin_classes(rtx):
         bases = [b for b in cls.__mro__[1:] if b.__module__.startswith("tensorrt_rtx")]
         for name, fn in vars(cls).items():
             if name.startswith("_") or not callable(fn):
