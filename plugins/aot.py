@@ -140,7 +140,8 @@ def ptxas_resources(ptx: str, cc: int) -> dict[str, Any]:
     from triton.backends.nvidia.compiler import get_ptxas
 
     ptxas = get_ptxas(cc).path
-    gpu = f"sm_{cc}a" if cc in (90, 100) else f"sm_{cc}"
+    target = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.M)  # Triton picks sm_90a / sm_100a / sm_120a itself
+    gpu = target.group(1) if target else f"sm_{cc}"
     with tempfile.TemporaryDirectory() as d:
         src, out = Path(d) / "k.ptx", Path(d) / "k.cubin"
         src.write_text(ptx)

@@ -105,29 +105,72 @@ def run_cli(*args, ok: bool = True):
     return r
 
 
-def wheel_plugin_api_names(wheel, attributes: bool = False) -> set[str]:
-    """Names defined in tensorrt_bindings/plugin/*.py of TensorRT's bindings wheel (functions, classes, assigned
-    names; with `attributes` also assigned attributes and annotated names), read with ast: the wheel is never
-    imported (its .so needs libnvinfer)."""
-    import ast
-    import warnings
-    import zipfile
+class _CompiledStandInMeta(type):
+    def __getattr__(cls, name):  # trt.Logger.WARNING, trt.PluginFieldType.INT32, ...
+        return compiled_stand_in_class(name)
 
-    names: set[str] = set()
-    with zipfile.ZipFile(wheel) as z:
-        for f in z.namelist():
-            if f.startswith("tensorrt_bindings/plugin/") and f.endswith(".py"):
-                with warnings.catch_warnings():  # NVIDIA's docstrings hold invalid escapes like '\\s'
-                    warnings.simplefilter("ignore", SyntaxWarning)
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    tree = ast.parse(z.read(f))
-                for node in ast.walk(tree):
-                    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-                        names.add(node.name)
-                    elif isinstance(node, ast.Assign):
-                        names.update(t.id for t in node.targets if isinstance(t, ast.Name))
-                        if attributes:
-                            names.update(t.attr for t in node.targets if isinstance(t, ast.Attribute))
-                    elif attributes and isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                        names.add(node.target.id)
-    return names
+
+class _CompiledStandIn(metaclass=_CompiledStandInMeta):
+    """Any class or enum of TensorRT's compiled bindings: constructible with anything, every attribute and call
+    another stand-in. Only what the pure-Python plugin package touches at import and registration goes through it."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return _CompiledStandIn()
+
+    def __call__(self, *args, **kwargs):
+        return _CompiledStandIn()
+
+
+_STAND_INS: dict[str, type] = {}
+
+
+def compiled_stand_in_class(name: str) -> type:
+    if name not in _STAND_INS:
+        _STAND_INS[name] = type(name, (_CompiledStandIn,), {})
+    return _STAND_INS[name]
+
+
+def tensorrt_plugin_api(wheel, dest):
+    """TensorRT 11.4's real `tensorrt.plugin` package (pure Python: register / aot_impl and their validators in
+    _validate.py, TensorDesc, KernelLaunchParams, SymIntExprs, ...) from the bindings wheel, imported as
+    `tensorrt.plugin` over a stand-in for the compiled `tensorrt` module (tensorrt.so needs libnvinfer, which does
+    not install from PyPI). A context manager: sys.modules is restored on exit, so `import tensorrt` fails again."""
+    import contextlib
+    import sys
+    import types
+    import zipfile
+    from pathlib import Path
+
+    @contextlib.contextmanager
+    def loaded():
+        root = Path(dest) / "tensorrt"
+        with zipfile.ZipFile(wheel) as z:
+            for f in z.namelist():
+                if f.startswith("tensorrt_bindings/plugin/") and f.endswith(".py"):
+                    out = root / "plugin" / f.rsplit("/", 1)[1]
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_bytes(z.read(f))
+        compiled = types.ModuleType("tensorrt")
+        compiled.__path__ = [str(root)]
+        compiled.__version__ = "11.4.0.106"
+        compiled.__getattr__ = compiled_stand_in_class  # PEP 562: every other name is a stand-in class
+        compiled_stand_in_class("Dims").MAX_DIMS = 8  # read as a number by ShapeExprs
+        saved = {k: v for k, v in sys.modules.items() if k == "tensorrt" or k.startswith("tensorrt.")}
+        sys.modules["tensorrt"] = compiled
+        try:
+            import importlib
+            import warnings
+
+            with warnings.catch_warnings():  # NVIDIA's docstrings hold invalid escapes like '\\s'
+                warnings.simplefilter("ignore", SyntaxWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                yield importlib.import_module("tensorrt.plugin")
+        finally:
+            for k in [k for k in sys.modules if k == "tensorrt" or k.startswith("tensorrt.")]:
+                del sys.modules[k]
+            sys.modules.update(saved)
+
+    return loaded()

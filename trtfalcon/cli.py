@@ -478,7 +478,8 @@ def bench(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds another build (same config + checkpoint: reused).")
 @handle_errors
 def build(config_path: Path, checkpoint: Path | None, out_dir: Path | None, plan_only: bool, overwrite: bool) -> None:
-    """Build a TensorRT 11 engine from a checkpoint, as a build config says.
+    """Build a TensorRT engine from a checkpoint, as a build config says (TensorRT 11 for H100/H200/B200, TensorRT
+    for RTX, which needs no GPU to build, for the configs' A100 / RTX GPUs).
 
     Runs the stages the config and checkpoint need: quantize (FP8 asked of a bf16 HF checkpoint), convert, export
     (ONNX with plugin nodes and FP8 Q/DQ), compile the plugin kernels for target.archs, then the strongly typed
@@ -491,6 +492,7 @@ def build(config_path: Path, checkpoint: Path | None, out_dir: Path | None, plan
     Examples:
       trtfalcon build --config build_configs/h100-fp8-fp8kv-b64-isl512-osl32k.yaml --plan-only
       trtfalcon build --config build_configs/tiny-demo.yaml --checkpoint runs/tiny-hf --out runs/tiny-build
+      trtfalcon build --config build_configs/rtxpro6000-fp8-b32-isl512-osl32k.yaml --checkpoint runs/hf --out runs/b
     """
     from trtfalcon.engine.config import load_build_config, plan_memory
 

@@ -4,7 +4,7 @@
 def tensorrt_available() -> str | None:
     """None when TensorRT (>= 11) and a CUDA GPU are both here, else the reason the engine tests skip."""
     try:
-        from trtfalcon.engine.build import import_tensorrt
+        from trtfalcon.tensorrt_import import import_tensorrt
 
         import_tensorrt()
     except Exception as e:  # noqa: BLE001

@@ -59,8 +59,18 @@ def test_planner_numbers_for_the_7b():
 @pytest.mark.parametrize("over, key", [
     ({"runtime": {"max_batch_sise": 8}}, "runtime.max_batch_sise: unknown key"),
     ({"precision": {"weights": "int4"}}, "precision.weights: Input should be 'fp8' or 'bf16'"),
-    ({"target": {"gpu": "A100"}}, "target.gpu: expected one of H100, H200, B200"),
-    ({"target": {"archs": ["sm_80"]}}, "target.archs: sm_80: the plugin kernels and FP8 need sm_90 or newer"),
+    ({"target": {"gpu": "V100"}}, "target.gpu: expected one of H100, H200, B200, A100"),
+    ({"target": {"archs": ["sm_80"]}}, "target: archs: sm_80: the TensorRT 11 path targets sm_90 or newer"),
+    # TensorRT for RTX: its compute capabilities only, one per engine, the GPU's own; FP8 only where the GPU has it
+    ({"target": {"gpu": "H100", "builder": "tensorrt-rtx"}},
+     "target: archs: sm_90: TensorRT for RTX builds for sm_75, sm_80, sm_86, sm_89, sm_120, sm_121, not sm_90"),
+    ({"target": {"gpu": "RTX4090", "archs": ["sm_89", "sm_120"]}},
+     "target: archs: a TensorRT for RTX engine is built for one compute capability"),
+    ({"target": {"gpu": "RTX4090", "archs": ["sm_120"]}}, "target: archs: sm_120 is not the RTX4090's compute "
+                                                          "capability (sm_89)"),
+    ({"target": {"gpu": "A100", "archs": ["sm_80"]}},
+     "precision.weights fp8 needs FP8 tensor cores (sm_89 or newer); target.archs has sm_80 (A100): use bf16"),
+    ({"target": {"builder": "tensorrt-llm"}}, "target.builder: Input should be 'tensorrt' or 'tensorrt-rtx'"),
     ({"runtime": {"kv_block_size": 48}}, "runtime.kv_block_size: must be a power of two"),
     ({"runtime": {"max_num_tokens": 16}}, "runtime.max_num_tokens (16) must be at least runtime.max_batch_size (64)"),
     ({"workload": {"osl": 65536}}, "runtime.max_seq_len (33280) must hold workload.isl + workload.osl"),
@@ -101,3 +111,9 @@ def test_optimization_profile_covers_the_contract():
     assert prof["ssm_state.1"][2] == (8, cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state)
     with pytest.raises(ConfigError, match="symbolic dimension 'weird'"):
         optimization_profile(bc, {"x": ["weird"]})
+
+
+def test_rtx_target_defaults_to_its_gpus_compute_capability():
+    bc = parse_build_config(_cfg(target={"gpu": "RTX5090"}))
+    assert bc.target.builder_name == "tensorrt-rtx" and bc.target.archs == ["sm_120"]
+    assert parse_build_config(_cfg(target={"gpu": "H200"})).target.archs == ["sm_90"]  # unchanged for TensorRT 11

@@ -1,5 +1,5 @@
-"""TensorRT plugins: the API names used exist in the 11.4 plugin API; a one-layer engine per plugin where TensorRT
-and a GPU exist."""
+"""TensorRT 11 plugins: registered through TensorRT 11.4's own tensorrt.plugin (its validators and descriptor
+classes, from the pinned bindings wheel); a one-layer engine per plugin where TensorRT and a GPU exist."""
 
 import inspect
 
@@ -9,17 +9,6 @@ import torch
 from trtfalcon.errors import MissingDependencyError
 from trtfalcon.plugins import tensorrt as trt_plugins
 from trtfalcon.plugins.spec import OPS
-from helpers import wheel_plugin_api_names
-
-@pytest.fixture(scope="module")
-def plugin_api_names(trt_bindings_wheel) -> set[str]:
-    return wheel_plugin_api_names(trt_bindings_wheel)
-
-
-def test_plugin_api_names_exist(plugin_api_names):
-    used = {"register", "aot_impl", "KernelLaunchParams", "SymIntExprs", "SymInt32", "cdiv", "TensorDesc",
-            "aliased", "like", "shape_expr", "constant_value", "is_constant", "dtype"}
-    assert used <= plugin_api_names, f"missing from the 11.4 plugin API: {used - plugin_api_names}"
 
 
 def test_missing_tensorrt_raises_clear_error():
@@ -32,56 +21,75 @@ def test_missing_tensorrt_raises_clear_error():
         pytest.skip("tensorrt is installed here")
 
 
-class _FakeDesc:
-    def __init__(self, name):
-        self.name = name
-
-    def like(self):
-        return ("like", self.name)
-
-    def aliased(self):
-        return ("aliased", self.name)
-
-
-def test_generated_signatures_follow_the_plugin_schema(monkeypatch):
-    """With a recording stand-in for tensorrt.plugin: one plugin per kernel; register's signature lists the
-    inputs as TensorDesc then typed attributes; aot_impl's is (inputs, attributes, outputs, tactic), the schema
-    tensorrt_bindings/plugin/_validate.py enforces; aliased outputs for the in-place state and cache."""
-    seen: dict[str, dict] = {}
-
-    class FakeTrtp:
-        TensorDesc = _FakeDesc
-
-        @staticmethod
-        def register(pid):
-            def deco(f):
-                seen.setdefault(pid, {})["register"] = f
-                return f
-            return deco
-
-        @staticmethod
-        def aot_impl(pid):
-            def deco(f):
-                seen.setdefault(pid, {})["aot_impl"] = f
-                return f
-            return deco
+@pytest.fixture
+def trtp(trt_bindings_wheel, tmp_path, monkeypatch):
+    """TensorRT 11.4's own `tensorrt.plugin` (helpers.tensorrt_plugin_api); registrations start from scratch."""
+    from helpers import tensorrt_plugin_api
 
     monkeypatch.setattr(trt_plugins, "_REGISTERED", set())
-    monkeypatch.setattr(trt_plugins, "import_tensorrt_plugin", lambda: (object(), FakeTrtp))
+    with tensorrt_plugin_api(trt_bindings_wheel, tmp_path) as api:
+        yield api
+
+
+def test_registration_passes_tensorrt_11_4_validators(trtp):
+    """register_plugins() through TensorRT 11.4's real register / aot_impl decorators, which run its validators
+    (_validate.py: no attribute defaults, typed attributes, TensorDesc inputs first, the aot_impl argument schema and
+    return annotation): one plugin per kernel, each with the spec's inputs, attributes and outputs."""
+    from tensorrt.plugin import _lib
+
     ids = trt_plugins.register_plugins()
-    assert ids == trt_plugins.plugin_ids() and set(seen) == set(ids)
+    assert ids == trt_plugins.plugin_ids()
     for op in OPS.values():
         for ks in op.kernels:
-            fns = seen[f"trtfalcon::{op.plugin_name(ks)}"]
-            sig = inspect.signature(fns["register"])
-            names = [i.name for i in op.inputs] + [a.name for a in op.attributes]
-            assert list(sig.parameters) == names
-            assert all(sig.parameters[i.name].annotation is _FakeDesc for i in op.inputs)
-            assert list(inspect.signature(fns["aot_impl"]).parameters) == names + ["outputs", "tactic"]
-            if op.name == "gated_rms_norm":
-                continue  # its output dtype is set through a real TensorDesc
-            outs = fns["register"](*[_FakeDesc(i.name) for i in op.inputs])
-            assert outs == tuple(("aliased", o.alias) if o.alias else ("like", o.like) for o in op.outputs)
+            pid = f"trtfalcon::{op.plugin_name(ks)}"
+            d = _lib.QDP_REGISTRY[pid]
+            assert d.input_tensor_names == [i.name for i in op.inputs]
+            assert d.input_attrs == {a.name: a.type for a in op.attributes}
+            assert d.num_outputs == len(op.outputs)
+            assert d.aot_impl_func is not None and d.aot_impl_attr_names == [a.name for a in op.attributes]
+            assert d.impl_func is None  # AOT only: the engine holds the kernel, no Python at run time
+            assert getattr(trtp.op.trtfalcon, op.plugin_name(ks)) is d
+    assert trt_plugins.register_plugins() == ids  # idempotent: a second call registers nothing twice
+
+
+def test_validators_reject_what_tensorrt_11_4_rejects(trtp):
+    """The check discriminates: the two mistakes TensorRT 11.4 refused in this project's earlier registration."""
+    from tensorrt.plugin import _validate
+
+    def with_default(x: trtp.TensorDesc, activation: bool = True) -> tuple[trtp.TensorDesc]:
+        return (x.like(),)
+
+    with pytest.raises(ValueError, match="Argument activation has a default value"):
+        _validate._parse_register_inputs(with_default, False)
+
+    @trtp.register("trtfalcon_test::one")
+    def one(x: trtp.TensorDesc, activation: bool) -> tuple[trtp.TensorDesc]:
+        return (x.like(),)
+
+    with pytest.raises(ValueError, match="No return annotation found for aot_impl function"):
+        trtp.aot_impl("trtfalcon_test::one")(lambda x, activation, outputs, tactic: None)
+
+
+def test_output_descriptors_alias_the_pools(trtp):
+    """Each registered description, called as TensorRT calls it on real TensorDescs: aliased outputs for the in-place
+    cache/state updates (the same input's descriptor), like() for the others, gated_rms_norm's dtype from its
+    out_dtype attribute."""
+    import tensorrt as trt
+    from tensorrt.plugin import _lib
+
+    trt_plugins.register_plugins()
+    for op in OPS.values():
+        d = _lib.QDP_REGISTRY[f"trtfalcon::{op.plugin_name(op.kernels[0])}"]
+        descs = {i.name: trtp.TensorDesc(trtp.ShapeExprs.from_tuple((2, 3)), trt.float32) for i in op.inputs}
+        attrs = {a.name: ("bfloat16" if a.name == "out_dtype" else a.default) for a in op.attributes}
+        outs = d.register_func(*descs.values(), **attrs)
+        assert len(outs) == len(op.outputs)
+        for o, desc in zip(op.outputs, outs):
+            if o.alias:
+                assert desc.is_aliased and desc.get_aliased() is descs[o.alias], (op.name, o.name)
+            else:
+                assert not desc.is_aliased
+                assert desc.dtype is (trt.bfloat16 if o.dtype_attr else descs[o.like].dtype), (op.name, o.name)
 
 
 def _tensorrt_and_gpu_or_skip():

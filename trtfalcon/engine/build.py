@@ -1,10 +1,15 @@
-"""`trtfalcon build`: checkpoint -> [quantize] -> convert -> export -> plugin kernels -> TensorRT 11 engine.
+"""`trtfalcon build`: checkpoint -> [quantize] -> convert -> export -> plugin kernels -> TensorRT engine.
 
-This is the one module of the builder that imports `tensorrt` (lazily, in import_tensorrt); the TensorRT executor
-borrows import_tensorrt from here. Everything before the engine runs without TensorRT and without a GPU, so
-on a machine that has neither the build writes every earlier artifact, then stops with a MissingDependencyError
-saying what is missing and how to get it; re-running the same command where TensorRT and a GPU exist reuses the
-finished stages (build.json records the config and checkpoint they were made from).
+Two TensorRT builds, one code path: TensorRT 11 for the datacenter GPUs (H100, H200, B200), which needs the GPU it
+builds for, and TensorRT for RTX for Ampere / Ada / RTX Blackwell GPUs (A100, RTX A6000, RTX 4090, RTX 6000 Ada,
+RTX 5090, RTX PRO 6000), which builds for a named compute capability on any machine, GPU or not. The build config's
+target picks one (engine/config.py: target.builder, default the GPU's); `TensorRT11` / `TensorRTForRTX` below are
+the one place where the two differ (module, builder creation, plugin registration, target); parsing, the network,
+the profile and the manifest are shared. TensorRT is imported through trtfalcon/tensorrt_import.py, lazily. Everything
+before the engine runs without TensorRT and without a GPU, so on a machine that lacks what the target needs the
+build writes every earlier artifact, then stops with a MissingDependencyError saying what is missing and how to get
+it; re-running the same command where it exists reuses the finished stages (build.json records the config and
+checkpoint they were made from).
 
 OUT/
     build.json      the build config, source checkpoint, memory plan, each stage's status and directory
@@ -12,21 +17,25 @@ OUT/
     deploy/         deploy checkpoint (folded, fused; FP8 weights and scales when quantized)
     onnx/           ONNX graph of one engine step (plugin nodes, FP8 Q/DQ, external weights) + export.json
     kernels/        every plugin kernel compiled ahead of time for target.archs (PTX, cubin, resources)
-    engine/         model.engine + manifest.json (I/O contract, profile, build config, versions) + config.json
+    engine/         model.engine + manifest.json (I/O contract, profile, build config, versions, the builder's
+                    account of the engine's layers) + config.json
 Each stage directory is written atomically: a failure leaves the finished ones and nothing half written.
 
 The engine: a STRONGLY_TYPED network (TensorRT 11 has no precision flags: bf16 comes from the graph's tensor
 types, FP8 from its explicit Q/DQ), parsed from the ONNX export with the trtfalcon plugins registered first
-(plugins/tensorrt.py: quickly deployable plugins with ahead-of-time Triton kernels, so the engine needs no Python
-at run time), aliased plugin I/O enabled for the in-place cache updates, one optimization profile whose
-min/opt/max come from the build config (engine/config.py optimization_profile over the export's I/O shapes).
+(TensorRT 11: plugins/tensorrt.py, quickly deployable plugins with ahead-of-time Triton kernels, so the engine needs
+no Python at run time; TensorRT for RTX: plugins/tensorrt_rtx.py, IPluginV3 plugins carrying the same kernels'
+PTX), aliased plugin I/O enabled for the in-place cache updates, one optimization profile whose min/opt/max come
+from the build config (engine/config.py optimization_profile over the export's I/O shapes).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,8 +45,9 @@ from typing import Any
 from trtfalcon import __version__
 from trtfalcon.checkpoint.safetensors_io import atomic_output_dir
 from trtfalcon.config import FalconH1Config
-from trtfalcon.engine.config import BuildConfig, GiB, MemoryPlan, check_fits, load_build_config, optimization_profile
+from trtfalcon.engine.config import FP8_MIN_CC, BuildConfig, GiB, MemoryPlan, check_fits, load_build_config, optimization_profile
 from trtfalcon.errors import CheckpointError, ConfigError, MissingDependencyError, TrtFalconError
+from trtfalcon.tensorrt_import import GPU_HINT, TENSORRT, TENSORRT_RTX, import_tensorrt
 
 ENGINE_FILE = "model.engine"
 ENGINE_MANIFEST = "manifest.json"
@@ -45,47 +55,139 @@ ENGINE_FORMAT_VERSION = 1
 BUILD_RECORD = "build.json"
 STAGES = ("quantize", "convert", "export", "kernels", "engine")
 STAGE_DIRS = {"quantize": "fp8-hf", "convert": "deploy", "export": "onnx", "kernels": "kernels", "engine": "engine"}
-MIN_TENSORRT_MAJOR = 11
-
-TENSORRT_HINT = (
-    "install TensorRT 11 with its builder libraries from NVIDIA's index: `pip install tensorrt-cu13==11.4.0.106 "
-    "--extra-index-url https://pypi.nvidia.com` (PyPI's tensorrt-cu13-libs is only a stub that downloads from "
-    "there), or run inside an NGC TensorRT container (`docker run --gpus all -it nvcr.io/nvidia/tensorrt:<release>-py3`); "
-    "the builder also needs an NVIDIA GPU (sm_90 or newer)"
-)
-GPU_HINT = "run on a machine with an NVIDIA GPU of compute capability 9.0 or newer (H100, H200, B200) and its driver"
 
 
 class EngineBuildError(TrtFalconError):
     """TensorRT refused the network (parser or builder errors); the message carries TensorRT's own errors."""
 
 
-def import_tensorrt() -> Any:
-    """The `tensorrt` module (TensorRT >= 11), or a MissingDependencyError naming what is missing and how to get it."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise MissingDependencyError(f"TensorRT is not installed (`import tensorrt` failed: {e}); {TENSORRT_HINT}") from e
-    except OSError as e:  # bindings present, libnvinfer missing
-        raise MissingDependencyError(f"TensorRT's libraries cannot be loaded ({e}); {TENSORRT_HINT}") from e
-    major = int(str(getattr(trt, "__version__", "0")).split(".")[0])
-    if major < MIN_TENSORRT_MAJOR:
-        raise MissingDependencyError(f"TensorRT {trt.__version__} found; trtfalcon engines need TensorRT "
-                                     f"{MIN_TENSORRT_MAJOR} (strongly typed networks, AOT plugins); {TENSORRT_HINT}")
-    return trt
+# ---------------------------------------------------------------------------------------------------------------
+# Where TensorRT 11 and TensorRT for RTX differ: the module, how a builder is made, how plugins get in, the target.
+# Everything else (network, parser, profile, builder config, manifest) is build_tensorrt_engine's one code path.
 
 
-def create_builder(trt: Any) -> tuple[Any, Any]:
-    """(builder, logger). TensorRT's builder needs a CUDA device: without one its factory returns null."""
-    logger = trt.Logger(trt.Logger.WARNING)
-    try:
-        builder = trt.Builder(logger)
-    except (TypeError, RuntimeError) as e:
-        raise MissingDependencyError(f"TensorRT is installed but cannot create a builder ({e}): no usable CUDA GPU; "
-                                     f"{GPU_HINT}") from e
-    if builder is None:
-        raise MissingDependencyError(f"TensorRT cannot create a builder: no usable CUDA GPU; {GPU_HINT}")
-    return builder, logger
+class TensorRT11:
+    """TensorRT 11: builds on (and for) the GPU it runs on; plugins are quickly deployable plugins whose AOT kernels
+    the engine embeds (plugins/tensorrt.py)."""
+
+    flavor = TENSORRT
+
+    def __init__(self, bc: BuildConfig):
+        self.bc = bc
+        self.trt = import_tensorrt(TENSORRT.name)
+
+    def create_builder(self, logger: Any) -> Any:
+        try:
+            builder = self.trt.Builder(logger)
+        except (TypeError, RuntimeError) as e:  # "factory function returned nullptr": no CUDA device
+            raise MissingDependencyError(f"TensorRT is installed but cannot create a builder ({e}): no usable CUDA "
+                                         f"GPU; {GPU_HINT}") from e
+        if builder is None:
+            raise MissingDependencyError(f"TensorRT cannot create a builder: no usable CUDA GPU; {GPU_HINT}")
+        return builder
+
+    def register_plugins(self) -> list[str]:
+        from trtfalcon.plugins.tensorrt import register_plugins
+
+        return register_plugins()
+
+    def set_target(self, config: Any) -> dict[str, Any]:
+        return {"gpu": _gpu_description()}  # the GPU doing the build is the target
+
+    def plugin_report(self) -> dict[str, Any]:
+        return {}
+
+
+class TensorRTForRTX:
+    """TensorRT for RTX: builds for a named compute capability with no GPU; plugins are Python IPluginV3 classes the
+    ONNX parser creates from their creators (plugins/tensorrt_rtx.py), which carry their kernels' PTX."""
+
+    flavor = TENSORRT_RTX
+
+    def __init__(self, bc: BuildConfig):
+        from trtfalcon.plugins.aot import parse_arch
+
+        self.bc = bc
+        self.cc = parse_arch(bc.target.archs[0])  # one, checked by engine/config.py
+        self.trt = import_tensorrt(TENSORRT_RTX.name)
+
+    def create_builder(self, logger: Any) -> Any:
+        return self.trt.Builder(logger)
+
+    def register_plugins(self) -> list[str]:
+        from trtfalcon.plugins.tensorrt_rtx import register_rtx_plugins, start_build
+
+        start_build()
+        return register_rtx_plugins(self.trt, self.cc)
+
+    def set_target(self, config: Any) -> dict[str, Any]:
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(getattr(self.trt.ComputeCapability, f"SM{self.cc}"), 0)
+        return {"compute_capability": f"sm_{self.cc}", "gpu": {"name": self.bc.target.gpu}}
+
+    def plugin_report(self) -> dict[str, Any]:
+        from trtfalcon.plugins.tensorrt_rtx import build_errors, build_observations
+
+        return {"errors": build_errors(), "plugin_layers": build_observations()}
+
+
+BUILDERS = {TENSORRT.name: TensorRT11, TENSORRT_RTX.name: TensorRTForRTX}
+
+
+def builder_for(bc: BuildConfig) -> TensorRT11 | TensorRTForRTX:
+    """The TensorRT build the config targets (target.builder, or its GPU's), imported."""
+    return BUILDERS[bc.target.builder_name](bc)
+
+
+class _Log:
+    """TensorRT's logger: warnings and errors to stderr as TensorRT would print them, every message kept so that the
+    engine's layer information (verbose) can be read back and errors quoted."""
+
+    def __new__(cls, trt: Any):
+        class Log(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.messages: list[tuple[Any, str]] = []
+
+            def log(self, severity, msg):
+                self.messages.append((severity, msg))
+                if severity <= trt.ILogger.Severity.WARNING:
+                    print(f"[TensorRT {severity.name}] {msg}", file=sys.stderr, flush=True)
+
+            def errors(self) -> list[str]:
+                return [m for s, m in self.messages if s <= trt.ILogger.Severity.ERROR]
+
+        return Log()
+
+
+_LAYER_LINE = re.compile(r"^Layer\((\w+)\): (.+?), Tactic: \S+, (.*)$")
+_TENSOR = re.compile(r"(?:^|, )(.+?) \((\w+)\[([-0-9,]*)\]\)")
+_FUSED = re.compile(r"^ForeignNode (\{.+\}) metadata: (.*)$")
+_ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
+
+
+def engine_layers(messages: list[str]) -> list[dict[str, Any]]:
+    """The builder's "Engine Layer Information" (verbose log), per layer: type, name, inputs and outputs as (tensor,
+    dtype, dims), and for a fused (Myelin) layer the ONNX nodes it holds: the built engine's own account of its
+    layers, readable with no GPU. Empty where the log has no such lines (a TensorRT that words them otherwise)."""
+    layers, fused = [], {}
+    for msg in messages:
+        m = _FUSED.match(msg.strip())
+        if m:
+            fused[m.group(1)] = _ONNX_LAYER.findall(m.group(2))
+            continue
+        for line in msg.splitlines():
+            m = _LAYER_LINE.match(line.strip())
+            if not m:
+                continue
+            ins, _, outs = m.group(3).partition(" -> ")
+            tensors = lambda part: [[n, t, [int(d) for d in dims.split(",") if d]]  # noqa: E731
+                                    for n, t, dims in _TENSOR.findall(part)]
+            layers.append({"type": m.group(1), "name": m.group(2), "inputs": tensors(ins), "outputs": tensors(outs)})
+    for layer in layers:
+        if layer["name"] in fused:
+            layer["onnx_layers"] = fused[layer["name"]]
+    return layers
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,25 +199,35 @@ def build_tensorrt_engine(
     extra_manifest: dict[str, Any] | None = None, overwrite: bool = False,
 ) -> Path:
     """Parse export_dir/model.onnx into a strongly typed network with the plugins registered, build it with the
-    config's optimization profile, write engine_dir/{model.engine, manifest.json, config.json} atomically."""
+    config's optimization profile for its target (TensorRT 11 or TensorRT for RTX), write
+    engine_dir/{model.engine, manifest.json, config.json} atomically."""
     from trtfalcon.export.onnx import MODEL_FILE, read_manifest
-    from trtfalcon.plugins.tensorrt import register_plugins
 
-    trt = import_tensorrt()
-    builder, logger = create_builder(trt)
+    target = builder_for(bc)
+    trt = target.trt
+    logger = _Log(trt)
+    builder = target.create_builder(logger)
     export = read_manifest(export_dir)
-    plugin_ids = register_plugins()  # before parsing: the parser maps trtfalcon nodes to registered plugins
+    if (export.get("fp8") or export["cache_dtypes"].get("kv_cache") == "fp8") and bc.target.min_cc < FP8_MIN_CC:
+        raise ConfigError(f"{export_dir}: the export holds FP8 tensors, which {bc.target.gpu} "
+                          f"(sm_{bc.target.min_cc}) cannot run (FP8 needs sm_{FP8_MIN_CC} or newer); export it in bf16")
+    plugin_ids = target.register_plugins()  # before parsing: the parser maps trtfalcon nodes to registered plugins
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     t0 = time.perf_counter()
     if not parser.parse_from_file(str(export_dir / MODEL_FILE)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineBuildError(f"{export_dir / MODEL_FILE}: TensorRT's ONNX parser failed: " + "; ".join(errors[:5]))
-    shapes = optimization_profile(bc, export["inputs"])
+        errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
+        raise EngineBuildError(f"{export_dir / MODEL_FILE}: {target.flavor.title}'s ONNX parser failed: "
+                               + "; ".join(errors[:5] + target.plugin_report().get("errors", [])[:3]))
+    shapes = optimization_profile(bc, {name: io["shape"] for name, io in export["inputs"].items()})
     graph_inputs = {network.get_input(i).name for i in range(network.num_inputs)}
     if graph_inputs != set(shapes):
         raise EngineBuildError(f"{export_dir}: the parsed network's inputs {sorted(graph_inputs - set(shapes))[:3]} "
                                f"differ from export.json's {sorted(set(shapes) - graph_inputs)[:3]}")
+    layer_types: dict[str, int] = {}
+    for i in range(network.num_layers):
+        kind = network.get_layer(i).type.name
+        layer_types[kind] = layer_types.get(kind, 0) + 1
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(bc.profile.workspace_gib * GiB))
     config.builder_optimization_level = bc.profile.builder_optimization_level
@@ -125,24 +237,31 @@ def build_tensorrt_engine(
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
+    built_for = target.set_target(config)
     serialized = builder.build_serialized_network(network, config)
+    report = target.plugin_report()
     if serialized is None:
-        raise EngineBuildError(f"{export_dir}: TensorRT built no engine (see its log above)")
+        raise EngineBuildError(f"{export_dir}: {target.flavor.title} built no engine for {built_for}: "
+                               + "; ".join((logger.errors() + report.get("errors", []))[-5:]))
     seconds = time.perf_counter() - t0
-    gpu = _gpu_description()
     with atomic_output_dir(engine_dir, overwrite=overwrite) as tmp:
         (tmp / ENGINE_FILE).write_bytes(bytes(serialized))
         shutil.copy2(export_dir / "config.json", tmp / "config.json")
         manifest = {
             "format": "trtfalcon-engine", "version": ENGINE_FORMAT_VERSION, "engine": ENGINE_FILE,
+            "builder": {"name": target.flavor.name, "title": target.flavor.title, "version": trt.__version__,
+                        **{k: v for k, v in built_for.items() if k != "gpu"}},
             "versions": {"trtfalcon": __version__, "tensorrt": trt.__version__, **_versions()},
-            "gpu": gpu, "build_seconds": round(seconds, 1),
+            "gpu": built_for.get("gpu"), "build_seconds": round(seconds, 1), "engine_bytes": serialized.nbytes,
             "build_config": bc.model_dump(),
             "io": {"inputs": export["inputs"], "outputs": export["outputs"], "aliases": export["aliases"]},
             "cache_dtypes": export["cache_dtypes"], "dtype": export["dtype"], "fp8": export.get("fp8"),
             "profile": {k: {"min": v[0], "opt": v[1], "max": v[2]} for k, v in shapes.items()},
             "runtime": {**bc.runtime.model_dump(), "num_kv_blocks": bc.num_kv_blocks},
-            "plugins": plugin_ids, "memory_plan": plan.asdict() if plan else None, **(extra_manifest or {}),
+            "plugins": plugin_ids, "network_layers": dict(sorted(layer_types.items())),
+            "engine_layers": engine_layers([m for _, m in logger.messages]),
+            "plugin_layers": report.get("plugin_layers"),
+            "memory_plan": plan.asdict() if plan else None, **(extra_manifest or {}),
         }
         (tmp / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return engine_dir
@@ -320,9 +439,11 @@ def run_build(
                     record["stages"]["engine"] = {"status": "missing", "reason": str(e)}
                     save()
                     done = [f"{STAGE_DIRS[s]}/" for s in stages if record["stages"].get(s, {}).get("status") == "done"]
+                    where = ("TensorRT and a GPU exist" if bc.target.builder_name == TENSORRT.name
+                             else "TensorRT for RTX is installed")
                     raise MissingDependencyError(
                         f"engine not built: {e}. Written to {out}: {BUILD_RECORD}, {', '.join(done)}. Re-run this "
-                        "command where TensorRT and a GPU exist: the finished stages are reused"
+                        f"command where {where}: the finished stages are reused"
                     ) from e
                 info = {}
                 result.engine_dir = target

@@ -6,7 +6,8 @@ A build config fixes what an engine is built for:
     precision   weights fp8|bf16, compute dtype, KV cache / SSM state / conv state dtypes
     quantize    calibration settings, used when weights are fp8 and the checkpoint is a bf16 HF one
     runtime     max_batch_size, max_num_tokens (per step), max_seq_len (prompt + output), kv_block_size
-    target      GPU model (its memory), architectures the plugin kernels are compiled for, memory utilization
+    target      GPU model (its memory), the TensorRT build for it (TensorRT 11 or for RTX), architectures the plugin
+                kernels are compiled for, memory utilization
     profile     the TensorRT optimization profile's "opt" point (min and max follow from `runtime`)
     workload    the isl -> osl the config is sized for (max_seq_len must hold isl + osl)
 Unknown keys are errors (a typo must not silently fall back to a default); every error names the file and key.
@@ -32,12 +33,21 @@ from trtfalcon.errors import ConfigError
 GiB = 2**30
 
 # Memory as the driver reports it (nvidia-smi "Total", MiB), not the marketing number: an "80 GB" H100 has
-# 81,559 MiB = 79.6 GiB; a "141 GB" H200 has 143,771 MiB = 140.4 GiB.
+# 81,559 MiB = 79.6 GiB; a "141 GB" H200 has 143,771 MiB = 140.4 GiB. `builder`: the TensorRT build that targets
+# the GPU (trtfalcon/tensorrt_import.py): TensorRT 11 for the datacenter Hopper/Blackwell parts, TensorRT for RTX
+# for Ampere / Ada / consumer-and-workstation Blackwell (it builds for their compute capability on any machine).
 GPUS: dict[str, dict[str, Any]] = {
-    "H100": {"memory_mib": 81_559, "arch": "sm_90", "bandwidth_tbs": 3.35},
-    "H200": {"memory_mib": 143_771, "arch": "sm_90", "bandwidth_tbs": 4.8},
-    "B200": {"memory_mib": 183_359, "arch": "sm_100", "bandwidth_tbs": 8.0},
+    "H100": {"memory_mib": 81_559, "arch": "sm_90", "bandwidth_tbs": 3.35, "builder": "tensorrt"},
+    "H200": {"memory_mib": 143_771, "arch": "sm_90", "bandwidth_tbs": 4.8, "builder": "tensorrt"},
+    "B200": {"memory_mib": 183_359, "arch": "sm_100", "bandwidth_tbs": 8.0, "builder": "tensorrt"},
+    "A100": {"memory_mib": 81_920, "arch": "sm_80", "bandwidth_tbs": 2.0, "builder": "tensorrt-rtx"},  # 80 GB SXM
+    "RTXA6000": {"memory_mib": 49_140, "arch": "sm_86", "bandwidth_tbs": 0.77, "builder": "tensorrt-rtx"},
+    "RTX4090": {"memory_mib": 24_564, "arch": "sm_89", "bandwidth_tbs": 1.01, "builder": "tensorrt-rtx"},
+    "RTX6000Ada": {"memory_mib": 49_140, "arch": "sm_89", "bandwidth_tbs": 0.96, "builder": "tensorrt-rtx"},
+    "RTX5090": {"memory_mib": 32_607, "arch": "sm_120", "bandwidth_tbs": 1.79, "builder": "tensorrt-rtx"},
+    "RTXPRO6000": {"memory_mib": 97_887, "arch": "sm_120", "bandwidth_tbs": 1.79, "builder": "tensorrt-rtx"},
 }
+FP8_MIN_CC = 89  # FP8 tensor cores: Ada (sm_89) and newer; TensorRT for RTX refuses fp8 for sm_80/sm_86
 
 
 class _Strict(BaseModel):
@@ -89,6 +99,8 @@ class RuntimeSection(_Strict):
 class TargetSection(_Strict):
     gpu: str
     archs: list[str] = Field(default_factory=lambda: ["sm_90"], min_length=1)
+    builder: Literal["tensorrt", "tensorrt-rtx"] | None = Field(
+        None, description="TensorRT 11 or TensorRT for RTX; default: the GPU's (engine/config.py GPUS)")
     memory_gib: float | None = Field(None, gt=0, description="Overrides the GPU table (a MIG slice, a smaller SKU)")
     memory_utilization: float = Field(0.90, gt=0, le=1.0)
     reserve_gib: float = Field(2.0, ge=0, description="CUDA context, TensorRT runtime, fragmentation")
@@ -100,6 +112,16 @@ class TargetSection(_Strict):
             raise ValueError(f"expected one of {', '.join(GPUS)}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _rtx_default_arch(cls, raw: Any) -> Any:
+        """A TensorRT for RTX target without archs is built for its GPU's compute capability (sm_90, the default
+        otherwise, is not one TensorRT for RTX builds for)."""
+        if isinstance(raw, dict) and "archs" not in raw and raw.get("gpu") in GPUS:
+            if (raw.get("builder") or GPUS[raw["gpu"]]["builder"]) == "tensorrt-rtx":
+                return {**raw, "archs": [GPUS[raw["gpu"]]["arch"]]}
+        return raw
+
     @field_validator("archs")
     @classmethod
     def _archs(cls, v: list[str]) -> list[str]:
@@ -107,12 +129,49 @@ class TargetSection(_Strict):
 
         for a in v:
             try:
-                cc = parse_arch(a)
+                parse_arch(a)
             except AOTError as e:
                 raise ValueError(str(e).split(": ", 1)[-1]) from None
-            if cc < 90:
-                raise ValueError(f"{a}: the plugin kernels and FP8 need sm_90 or newer")
         return v
+
+    @model_validator(mode="after")
+    def _archs_for_builder(self) -> TargetSection:
+        """What each TensorRT build can target: TensorRT 11 here is for sm_90 and newer (the datacenter GPUs it is
+        tested for); TensorRT for RTX builds one engine per compute capability it lists, and the GPU's own."""
+        from trtfalcon.plugins.aot import parse_arch
+        from trtfalcon.tensorrt_import import RTX_COMPUTE_CAPABILITIES
+
+        ccs = [parse_arch(a) for a in self.archs]
+        if self.builder_name == "tensorrt-rtx":
+            rtx = ", ".join(RTX_COMPUTE_CAPABILITIES)
+            for a, cc in zip(self.archs, ccs):
+                if f"sm_{cc}" not in RTX_COMPUTE_CAPABILITIES:
+                    raise ValueError(f"archs: {a}: TensorRT for RTX builds for {rtx}, not sm_{cc} (sm_90 / "
+                                     "sm_100 datacenter GPUs take target.builder: tensorrt)")
+            if len(ccs) != 1:
+                raise ValueError(f"archs: a TensorRT for RTX engine is built for one compute capability (its "
+                                 f"plugin kernels are compiled for it), found {len(ccs)}: {', '.join(self.archs)}")
+            gpu_cc = parse_arch(GPUS[self.gpu]["arch"])
+            if ccs[0] != gpu_cc:
+                raise ValueError(f"archs: {self.archs[0]} is not the {self.gpu}'s compute capability "
+                                 f"({GPUS[self.gpu]['arch']})")
+        else:
+            for a, cc in zip(self.archs, ccs):
+                if cc < 90:
+                    raise ValueError(f"archs: {a}: the TensorRT 11 path targets sm_90 or newer (H100, H200, "
+                                     "B200); for sm_80 / sm_86 / sm_89 / sm_120 GPUs set target.builder: tensorrt-rtx")
+        return self
+
+    @property
+    def builder_name(self) -> str:
+        """"tensorrt" (TensorRT 11) or "tensorrt-rtx" (TensorRT for RTX)."""
+        return self.builder or GPUS[self.gpu]["builder"]
+
+    @property
+    def min_cc(self) -> int:
+        from trtfalcon.plugins.aot import parse_arch
+
+        return min(parse_arch(a) for a in self.archs)
 
     @property
     def total_bytes(self) -> int:
@@ -158,6 +217,10 @@ class BuildConfig(_Strict):
         if p.kv_cache == "fp8" and p.weights != "fp8":
             raise ValueError("precision.kv_cache fp8 needs k/v scales, which FP8 quantization calibrates: set "
                              "precision.weights: fp8")
+        for key, value in (("weights", p.weights), ("kv_cache", p.kv_cache)):
+            if value == "fp8" and self.target.min_cc < FP8_MIN_CC:
+                raise ValueError(f"precision.{key} fp8 needs FP8 tensor cores (sm_89 or newer); target.archs has "
+                                 f"sm_{self.target.min_cc} ({self.target.gpu}): use bf16")
         if p.weights == "fp8" and p.compute == "fp32":
             raise ValueError("precision.compute fp32 with FP8 weights: FP8 GEMMs take bf16/fp16 around their Q/DQ")
         prof = self.profile

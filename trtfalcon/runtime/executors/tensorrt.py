@@ -8,9 +8,11 @@ backend, and copy_slot / copy_blocks are the same tensor copies. A step binds th
 GPU), sets the dynamic shapes, and enqueues the engine on torch's current CUDA stream, so the sampler that reads
 the logits is ordered after it without an extra synchronization.
 
-The engine embeds its plugin kernels (ahead-of-time quickly deployable plugins), so running it needs TensorRT's
-runtime and a GPU, not Triton or the plugin registration. TensorRT is imported through engine/build.py's
-import_tensorrt, the one place that knows how to say what is missing.
+A TensorRT 11 engine embeds its plugin kernels (ahead-of-time quickly deployable plugins), so running it needs
+TensorRT's runtime and a GPU, not Triton or the plugin registration. A TensorRT for RTX engine (manifest "builder")
+carries its kernels' PTX in Python IPluginV3 plugins, whose creators are registered here before it is deserialized
+(plugins/tensorrt_rtx.py; they launch the PTX through the CUDA driver, no Triton or torch needed for that). TensorRT
+is imported through trtfalcon/tensorrt_import.py, the one place that knows how to say what is missing.
 """
 
 from __future__ import annotations
@@ -67,9 +69,15 @@ class TensorRTExecutor(TorchPools):
         if self.device.type != "cuda" or not torch.cuda.is_available():
             raise MissingDependencyError(f"the tensorrt backend runs on a CUDA GPU; none is available to torch "
                                          f"(device {device!r}, torch {torch.__version__})")
-        from trtfalcon.engine.build import ENGINE_FILE, import_tensorrt
+        from trtfalcon.engine.build import ENGINE_FILE
+        from trtfalcon.tensorrt_import import TENSORRT, TENSORRT_RTX, import_tensorrt
 
-        trt = import_tensorrt()
+        builder = (self.manifest.get("builder") or {}).get("name", TENSORRT.name)  # engines before RTX: TensorRT 11
+        trt = import_tensorrt(builder)
+        if builder == TENSORRT_RTX.name:
+            from trtfalcon.plugins.tensorrt_rtx import register_rtx_plugins
+
+            register_rtx_plugins(trt)  # the engine's plugin layers are re-created from these creators
         rt = self.manifest["runtime"]
         prof = self.manifest["profile"]
         max_blocks = prof["kv_cache.0"]["max"][1]
