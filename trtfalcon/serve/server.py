@@ -33,6 +33,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -315,6 +316,7 @@ class TritonServer:
     _work: Path | None = field(default=None, init=False)
     _log: Any = field(default=None, init=False)
     _shm_prefix: str = field(default="", init=False)
+    _picked: set[int] = field(default_factory=set, init=False)  # ports chosen here (0 given)
 
     # ---- addresses
     @property
@@ -354,13 +356,12 @@ class TritonServer:
         self._work = Path(tempfile.mkdtemp(prefix="trtfalcon-tritonserver-"))
         try:
             env, backend_dir = self._prepare(install)
-            any_free = 0 in (self.http_port, self.grpc_port, self.metrics_port)
-            for attempt in range(3 if any_free else 1):  # a chosen free port can be taken before the server binds
+            for attempt in range(3):  # a free port we chose can be taken by someone else before the server binds it
                 self._launch(install, env, backend_dir)
-                if self._wait_ready(retry_on_bind_error=attempt < 2 and any_free):
+                if self._wait_ready(retry_on_taken_port=attempt < 2):
                     return self
                 self._end_process()
-            raise TritonServerError(f"tritonserver: could not bind its ports on {self.host}:\n{self.log_tail()}")
+            raise AssertionError("unreachable: the last attempt raises")
         except BaseException:
             self.stop()
             raise
@@ -394,6 +395,9 @@ class TritonServer:
         assert self._work is not None
         chosen = iter(free_ports(self.host))
         self.ports = ServerPorts(*(p or next(chosen) for p in (self.http_port, self.grpc_port, self.metrics_port)))
+        self._picked = {picked for given, picked in zip((self.http_port, self.grpc_port, self.metrics_port),
+                                                        (self.ports.http, self.ports.grpc, self.ports.metrics))
+                        if not given}
         self._shm_prefix = f"trtfalcon-{uuid.uuid4().hex[:12]}-"
         cmd = [str(install.binary), f"--model-repository={Path(self.repository).resolve()}",
                f"--http-address={self.host}", f"--http-port={self.ports.http}",
@@ -415,16 +419,22 @@ class TritonServer:
         self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
 
-    def _wait_ready(self, retry_on_bind_error: bool) -> bool:
+    def _wait_ready(self, retry_on_taken_port: bool) -> bool:
+        """True once ready; False if it exited because a port we picked was taken meanwhile (start again)."""
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
             assert self.process is not None
             code = self.process.poll()
             if code is not None:
                 tail = self.log_tail()
-                if retry_on_bind_error and ("Address already in use" in tail or "failed to start" in tail.lower()
-                                            and "bind" in tail.lower()):
-                    return False
+                # e.g. failed to start HTTP service: Unavailable - Socket '127.0.0.1:8000' already in use
+                taken = re.search(r"Socket '[^']*:(\d+)' already in use", tail)
+                if taken and int(taken.group(1)) in self._picked:
+                    if retry_on_taken_port:
+                        return False
+                elif taken:
+                    raise TritonServerError(f"tritonserver: port {taken.group(1)} on {self.host} is already in use "
+                                            "(another server?); choose another port or stop that process")
                 raise TritonServerError(f"tritonserver exited with {code} before it was ready:\n{tail}")
             if self.is_ready():
                 return True
