@@ -583,12 +583,21 @@ def serve() -> None:
               help="Largest top-k of log-probs a request may ask for.")
 @click.option("--seed", default=0, show_default=True, help="Engine seed for sampled requests that send no seed.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT/MODEL_NAME if it exists.")
+@click.option("--launch", is_flag=True, help="Then start tritonserver on OUT and serve until Ctrl-C (docs/serving.md).")
+@click.option("--tritonserver", "tritonserver_path", type=click.Path(exists=True, path_type=Path),
+              help="With --launch: the tritonserver binary or an unpacked nvidia-pytriton wheel [default: an "
+                   "installed nvidia-pytriton, then tritonserver on PATH, then /opt/tritonserver].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="With --launch: address to listen on.")
+@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="With --launch.")
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(0, 65535), help="With --launch.")
+@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(0, 65535), help="With --launch.")
 @runtime_option_flags
 @handle_errors
 def serve_triton(engine_dir: Path | None, checkpoint_dir: Path | None, out_dir: Path, backend: str | None,
                  model_name: str, instances_per_gpu: int, gpus: str | None, tokenizer_dir: Path | None,
                  copy_model: bool, default_max_tokens: int, max_logprobs: int, seed: int, overwrite: bool,
-                 **kw: Any) -> None:
+                 launch: bool, tritonserver_path: Path | None, host: str, http_port: int, grpc_port: int,
+                 metrics_port: int, **kw: Any) -> None:
     """Write a Triton model repository serving a model with the trtfalcon runtime (Python backend).
 
     Writes OUT/MODEL_NAME/{config.pbtxt, 1/model.py, 1/trtfalcon.json}: a decoupled model (token streaming)
@@ -602,6 +611,7 @@ def serve_triton(engine_dir: Path | None, checkpoint_dir: Path | None, out_dir: 
       trtfalcon serve triton --checkpoint runs/tiny-deploy --out runs/triton-repo --max-batch-size 8
       trtfalcon serve triton --engine runs/7b-engine --out /models --gpus 0,1,2,3 --max-batch-size 64
       tritonserver --model-repository runs/triton-repo
+      trtfalcon serve triton --checkpoint runs/tiny-deploy --out runs/triton-repo --overwrite --launch
     """
     from dataclasses import asdict
 
@@ -609,6 +619,12 @@ def serve_triton(engine_dir: Path | None, checkpoint_dir: Path | None, out_dir: 
 
     if (engine_dir is None) == (checkpoint_dir is None):
         raise click.UsageError("give exactly one of --engine or --checkpoint")
+    ctx = click.get_current_context()
+    launch_only = [f"--{name.replace('_', '-')}" for name in ("host", "http_port", "grpc_port", "metrics_port")
+                   if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+    launch_only += ["--tritonserver"] if tritonserver_path is not None else []
+    if launch_only and not launch:
+        raise click.UsageError(f"{', '.join(launch_only)}: only used with --launch")
     gpu_ids: tuple[int, ...] = ()
     if gpus:
         try:
@@ -633,7 +649,15 @@ def serve_triton(engine_dir: Path | None, checkpoint_dir: Path | None, out_dir: 
         else f"{instances_per_gpu} on CPU"
     click.echo(f"wrote {dest} ({backend} backend; instances: {where})")
     click.echo(f"  {dest / 'config.pbtxt'}\n  {dest / '1' / 'model.py'}\n  {dest / '1' / 'trtfalcon.json'}")
-    click.echo(f"serve it: tritonserver --model-repository {out_dir.resolve()}   (trtfalcon installed in its Python)")
+    if not launch:
+        click.echo(f"serve it: tritonserver --model-repository {out_dir.resolve()}   (trtfalcon installed in its "
+                   "Python), or add --launch")
+        return
+    from trtfalcon.serve.server import TritonServer, find_tritonserver, serve_forever
+
+    server = TritonServer(out_dir, install=find_tritonserver(tritonserver_path), host=host, http_port=http_port,
+                          grpc_port=grpc_port, metrics_port=metrics_port, announce=click.echo)
+    raise click.exceptions.Exit(serve_forever(server, click.echo))
 
 
 # ------------------------------------------------------------------------------------------------------ demo

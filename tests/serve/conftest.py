@@ -1,17 +1,23 @@
-"""Fixtures for the serving tests: a tiny checkpoint (with and without a tokenizer) and a generated repository
-whose model.py is loaded in-process through the pb_utils STAND-IN (see serve_helpers.py)."""
+"""Fixtures for the serving tests: a tiny checkpoint (with and without a tokenizer); a REAL Triton Inference Server
+(tritonserver from the nvidia-pytriton wheel, or a container's) serving repositories written by `trtfalcon serve
+triton`, started once per session; and repositories whose model.py is loaded in-process through the pb_utils
+STAND-IN (see serve_helpers.py), for the few checks a real server cannot make."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from serve_helpers import RUNTIME, load_model_py, save_wordlevel_tokenizer  # noqa: E402
+from helpers import run_cli  # noqa: E402
+from serve_helpers import RUNTIME, SERVER_RUNTIME, load_model_py, save_wordlevel_tokenizer, sizing_args  # noqa: E402
 
 from trtfalcon.serve.repository import InstancePlan, write_repository  # noqa: E402
 
@@ -47,3 +53,46 @@ def text_model(text_ckpt, tmp_path_factory):
     model = load_model_py(d)
     yield model
     model.finalize()
+
+
+# ---------------------------------------------------------------------------------------------- the real server
+@pytest.fixture(scope="session")
+def triton_install():
+    """A tritonserver: whatever find_tritonserver finds (a container's, an installed nvidia-pytriton), else the
+    pinned nvidia-pytriton wheel fetched once into TRTFALCON_TRITON_CACHE (~/.cache/trtfalcon/triton), with the
+    numpy its stub needs. Skipped, saying why, only when neither is here nor can be downloaded (no index)."""
+    from trtfalcon.errors import MissingDependencyError
+    from trtfalcon.serve.server import (PYTRITON_WHEEL, fetch_pytriton_server, find_tritonserver, old_stub_numpy,
+                                        stub_needs_old_numpy)
+
+    try:
+        try:
+            install = find_tritonserver()
+        except MissingDependencyError:
+            install = fetch_pytriton_server()
+        if stub_needs_old_numpy(install):
+            old_stub_numpy()
+    except (MissingDependencyError, subprocess.TimeoutExpired) as e:
+        why = f"no tritonserver here and {PYTRITON_WHEEL} cannot be fetched: {e}"
+        if os.environ.get("TRTFALCON_REQUIRE_TRITONSERVER") == "1":  # CI: the real server is part of the suite
+            pytest.fail(f"{why} (TRTFALCON_REQUIRE_TRITONSERVER=1)")
+        pytest.skip(why)
+    return install
+
+
+@pytest.fixture(scope="session")
+def triton(triton_install, ids_ckpt, text_ckpt, tmp_path_factory):
+    """One real tritonserver for the session on 127.0.0.1 (free ports), serving two models written by the CLI:
+    `ids` (no tokenizer) and `text` (with one), SERVER_RUNTIME sizing, explicit model control (for unload/reload).
+    Stopped, with its stub processes and shared memory, at the end of the session."""
+    from trtfalcon.serve.server import TritonServer
+
+    repo = tmp_path_factory.mktemp("triton") / "repo"
+    for name, ckpt in (("ids", ids_ckpt), ("text", text_ckpt)):
+        run_cli("serve", "triton", "--checkpoint", ckpt, "--out", repo, "--model-name", name,
+                *sizing_args(SERVER_RUNTIME))
+    t0 = time.monotonic()
+    with TritonServer(repo, install=triton_install, model_control="explicit",
+                      log_path=repo.parent / "tritonserver.log") as server:
+        server.startup_s = time.monotonic() - t0
+        yield server

@@ -2,7 +2,7 @@
 
 Not Triton: a minimal, in-process imitation of the parts a decoupled Python model uses (Tensor,
 InferenceRequest, InferenceResponse, TritonError with codes, get_input_tensor_by_name, the response sender with
-send(flags=...) and is_cancelled(), TRITONSERVER_RESPONSE_COMPLETE_FINAL_FLAG), with the checks Triton makes on
+send(flags=...) and is_cancelled(), TRITONSERVER_RESPONSE_COMPLETE_FINAL), with the checks Triton makes on
 a decoupled model's use of them: nothing may be sent after the FINAL flag, every response is an
 InferenceResponse, output tensors are named pb_utils.Tensors. `install()` puts it in sys.modules under the real
 module's name so that the generated model.py imports it unchanged.
@@ -16,7 +16,7 @@ import types
 from dataclasses import dataclass, field
 import numpy as np
 
-TRITONSERVER_RESPONSE_COMPLETE_FINAL_FLAG = 1
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 
 
 class TritonError:
@@ -85,9 +85,9 @@ class ResponseSender:
                 if not isinstance(response, InferenceResponse):
                     self.errors.append(f"send: expected an InferenceResponse, found {type(response)}")
                 self.responses.append(response)
-            elif not flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL_FLAG:
+            elif not flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL:
                 self.errors.append("send() with neither a response nor the FINAL flag")
-            if flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL_FLAG:
+            if flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL:
                 self.final_count += 1
                 self.done.set()
 

@@ -21,6 +21,8 @@ I32, F32 = np.int32, np.float32
 
 # Small pools so the tests exercise in-flight batching (several requests per step, prefill chunks) quickly.
 RUNTIME = {"max_batch_size": 4, "max_num_tokens": 32, "max_seq_len": 64}
+# The real server's models: room for requests long enough to cancel mid-stream, and a batch small enough to queue.
+SERVER_RUNTIME = {"max_batch_size": 4, "max_num_tokens": 32, "max_seq_len": 256}
 SPECIAL = {"<unk>": 0, "<bos>": 1, "<eos>": 2}
 
 
@@ -106,12 +108,17 @@ def error(r: InferenceRequest) -> tuple[int, str]:
     return resp.error().code(), resp.error().message()
 
 
-def cli_generate(ckpt, prompts: list[tuple[list[int], int]], *extra) -> list[dict]:
+def sizing_args(runtime: dict) -> list[str]:
+    """Runtime sizing as the CLI's options (generate, serve triton)."""
+    return [f"--{k.replace('_', '-')}={v}" for k, v in runtime.items()]
+
+
+def cli_generate(ckpt, prompts: list[tuple[list[int], int]], *extra, runtime: dict = RUNTIME) -> list[dict]:
     """`trtfalcon generate --prompts-file` with the repository's runtime sizing: the reference for the server."""
     with tempfile.TemporaryDirectory() as d:
         f = Path(d) / "p.jsonl"
         f.write_text("\n".join(json.dumps({"prompt_ids": p, "max_new_tokens": n}) for p, n in prompts))
-        sizing = [f"--{k.replace('_', '-')}={v}" for k, v in RUNTIME.items()]
+        sizing = sizing_args(runtime)
         r = CliRunner().invoke(main, ["generate", str(ckpt), "--prompts-file", str(f), "--json", *sizing, *extra])
     assert r.exit_code == 0, r.output
     return [json.loads(line) for line in r.output.strip().splitlines()]

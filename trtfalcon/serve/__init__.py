@@ -5,6 +5,8 @@
     requests.py    turns one Triton request's tensors into a runtime Request, validating every field
     text.py        tokenizer loading, incremental detokenization, stop words
     backend.py     the engine loop behind model.py: one thread owns the LLMEngine, streams, cancels, ends requests
+    metrics.py     the instance's own Prometheus series on Triton's metrics port (pools, in flight, outcomes)
     model.py       the template copied into the repository (imports triton_python_backend_utils: never import it here)
-    client.py      tritonclient helpers (gRPC streaming, HTTP), used by the docs and the end-to-end test
+    client.py      clients: gRPC streaming (tritonclient), the HTTP generate endpoint; used by docs, tests, bench
+    server.py      finds and runs a real tritonserver (container's or the nvidia-pytriton wheel's): --launch, tests
 """

@@ -6,7 +6,7 @@ calls `execute` on its own thread; execute only validates and queues (it never t
 blocks on generation), so requests arriving during a long step join the very next step: in-flight batching
 across Triton requests.
 
-Every request ends exactly once with TRITONSERVER_RESPONSE_COMPLETE_FINAL_FLAG, on exactly one of these paths:
+Every request ends exactly once with TRITONSERVER_RESPONSE_COMPLETE_FINAL, on exactly one of these paths:
 - rejected in execute (missing input, wrong dtype or shape, ids outside the vocab, too long, bad sampling
   params): an error response, FINAL, before it reaches the engine;
 - its last token ("length" or "stop" from the engine, or a stop word found in the text): FINAL with that token;
@@ -16,6 +16,7 @@ Every request ends exactly once with TRITONSERVER_RESPONSE_COMPLETE_FINAL_FLAG, 
 - cancelled by the client (the sender's is_cancelled()): engine.cancel frees its KV blocks and state slot at
   once; a CANCELLED error response, FINAL;
 - the instance unloads (finalize) or the engine loop itself fails: an UNAVAILABLE / INTERNAL error, FINAL.
+Each ending is counted by outcome, and the instance's pools are published, on Triton's metrics port (metrics.py).
 `_live` maps the engine's request id to the request's state; whoever pops it sends the FINAL flag, so a late
 delta for a request that already ended (its stop word was found, or it was failed) is ignored.
 """
@@ -36,6 +37,7 @@ import numpy as np
 
 from trtfalcon.errors import RequestError
 from trtfalcon.runtime.request import Request, StreamDelta, TokenLogprobs
+from trtfalcon.serve.metrics import OUTCOME_OF_CODE, PoolStats, ServeMetrics
 from trtfalcon.serve.repository import ServeSettings, instance_runtime_options
 from trtfalcon.serve.requests import ParsedRequest, parse_request, serve_limits
 from trtfalcon.serve.text import TextStream, ThreadLocalTokenizer, load_tokenizer
@@ -63,7 +65,7 @@ class ServedModel:
     """
 
     def __init__(self, pb: Any, settings: ServeSettings, version_dir: str | Path, device: str = "cpu",
-                 name: str = "trtfalcon") -> None:
+                 name: str = "trtfalcon", instance: str = "") -> None:
         from trtfalcon.runtime.llm import LLMEngine
 
         self.pb = pb
@@ -83,6 +85,8 @@ class ServedModel:
         self.tokenizer = (ThreadLocalTokenizer(tok_dir, first=load_tokenizer(tok_dir))
                           if tok_dir is not None else None)
         self.limits = serve_limits(settings.limits, vocab_size=cfg.vocab_size, max_seq_len=max_seq_len)
+        self.metrics = ServeMetrics(pb, {"model": name, "version": Path(version_dir).name,
+                                         "instance": instance or f"{name}_{device}"})
         self._ids = itertools.count()
         self._cv = threading.Condition()
         self._inbox: list[tuple[Request, _Live]] = []  # guarded by _cv; everything below is the engine thread's
@@ -105,7 +109,8 @@ class ServedModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         kind = args.get("model_instance_kind", "CPU")
         device = f"cuda:{int(args.get('model_instance_device_id', 0))}" if kind == "GPU" else "cpu"
-        return cls(pb, ServeSettings.load(version_dir), version_dir, device, name)
+        return cls(pb, ServeSettings.load(version_dir), version_dir, device, name,
+                   args.get("model_instance_name", ""))
 
     # ---- Triton's thread --------------------------------------------------------------------------------------
     def execute(self, requests: list[Any]) -> None:
@@ -114,7 +119,8 @@ class ServedModel:
             sender = request.get_response_sender()
             triton_id = request.request_id() or ""
             try:
-                parsed = parse_request(lambda n, r=request: self._input(r, n), self.limits, self.tokenizer)
+                parsed = parse_request(lambda n, r=request: self._input(r, n), self.limits, self.tokenizer,
+                                       _parameters(request))
             except RequestError as e:
                 self._send_error(sender, f"{self._label(triton_id)}: {e}", "INVALID_ARG")
                 continue
@@ -131,6 +137,9 @@ class ServedModel:
                     continue
                 self._inbox.append((Request(rid, parsed.prompt_ids, parsed.params), live))
                 self._cv.notify()
+        if self.metrics.pending:
+            with self._cv:
+                self._cv.notify()  # rejections to publish: the engine thread may be idle
         return None
 
     def finalize(self, timeout_s: float = 30.0) -> None:
@@ -141,6 +150,7 @@ class ServedModel:
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.error("%s: engine thread did not stop within %.0f s (a step is hung)", self.name, timeout_s)
+        self.metrics.close()
 
     def _input(self, request: Any, name: str) -> np.ndarray | None:
         t = self.pb.get_input_tensor_by_name(request, name)
@@ -152,9 +162,12 @@ class ServedModel:
     # ---- the engine thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
         engine = self.engine
+        self._publish(force=True)  # the pools' sizes, before the first request
         while True:
             with self._cv:
                 while not self._inbox and not engine.has_work and not self._stopping:
+                    if self.metrics.pending:
+                        break  # publish what execute() counted, then wait
                     self._cv.wait()
                 if self._stopping:
                     break
@@ -169,16 +182,30 @@ class ServedModel:
                                                   f"{type(e).__name__}: {e}", "INTERNAL")
             try:
                 self._poll_cancelled()
-                for d in engine.step():
-                    self._deliver(d)
+                if engine.has_work:
+                    for d in engine.step():
+                        self._deliver(d)
             except Exception as e:  # noqa: BLE001 - the engine's state is unknown: end what it holds, keep serving
                 log.error("%s: engine step failed:\n%s", self.name, traceback.format_exc())
                 self._end_all(f"engine step failed: {type(e).__name__}: {e}", "INTERNAL")
+            self._publish(force=not engine.has_work)
         with self._cv:
             pending, self._inbox = self._inbox, []
         for request, live in pending:
             self._live[request.request_id] = live  # never added to the engine: cancel() below finds nothing
         self._end_all("model instance is unloading", "UNAVAILABLE")
+
+    def _publish(self, force: bool) -> None:
+        try:
+            self.metrics.publish(len(self._live), self.pool_stats(), force=force)
+        except Exception:  # noqa: BLE001 - metrics are for operators: never let them end requests
+            log.error("%s: publishing metrics failed:\n%s", self.name, traceback.format_exc())
+
+    def pool_stats(self) -> PoolStats:
+        """Free and total KV blocks and state slots of this instance's engine (engine thread)."""
+        sched = self.engine.scheduler
+        spec = self.engine.executor.cache_spec
+        return PoolStats(sched.blocks.num_free, spec.num_blocks, sched.slots.num_free, spec.num_slots)
 
     def _admit(self, request: Request, live: _Live) -> None:
         out = self.engine.add_request(request)
@@ -225,6 +252,8 @@ class ServedModel:
                 if not d.finished:
                     self.engine.cancel(d.request_id)
                 self._send_error(live.sender, f"{self._label(live.triton_id)}: {type(e).__name__}: {e}", "INTERNAL")
+            else:  # its final response was built but could not be sent (the client is gone)
+                self.metrics.request_ended("failed")
 
     def _respond(self, d: StreamDelta, live: _Live) -> None:
         reason = d.finish_reason
@@ -237,6 +266,7 @@ class ServedModel:
                 self._send_error(live.sender, f"{self._label(live.triton_id)}: cancelled", "CANCELLED")
             return
         live.token_ids.extend(d.token_ids)
+        self.metrics.tokens_generated(len(d.token_ids))
         if live.text is not None:
             live.text.add(d.token_ids)
             if live.text.stopped and reason != "stop":
@@ -255,8 +285,10 @@ class ServedModel:
         if final:
             del self._live[d.request_id]
         tensors = self._outputs(live, ids, lps, reason or "", final)
-        flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL_FLAG if final else 0
+        flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
         live.sender.send(self.pb.InferenceResponse(output_tensors=tensors), flags=flags)
+        if final:
+            self.metrics.request_ended("completed")
 
     def _outputs(self, live: _Live, ids: list[int], lps: list[TokenLogprobs], reason: str, final: bool) -> list:
         """The response tensors: the names and dtypes protocol.OUTPUTS declares."""
@@ -282,11 +314,27 @@ class ServedModel:
     def _send_error(self, sender: Any, message: str, code: str) -> None:
         """An error response with the FINAL flag. Never raises: a sender that fails (the client is gone) must not
         take the engine thread down with it."""
+        self.metrics.request_ended(OUTCOME_OF_CODE.get(code, "failed"))
         cls = self.pb.TritonError
         code_value = getattr(cls, code, None)  # error codes exist from Triton 23.10
         try:
             error = cls(message, code_value) if code_value is not None else cls(message)
             sender.send(self.pb.InferenceResponse(output_tensors=[], error=error),
-                        flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL_FLAG)
+                        flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception:  # noqa: BLE001
             log.error("%s: could not send an error response (%s):\n%s", self.name, message, traceback.format_exc())
+
+
+def _parameters(request: Any) -> dict[str, Any]:
+    """The request's parameters (gRPC `parameters`, or the generate endpoint's JSON fields that name no input)."""
+    get = getattr(request, "parameters", None)
+    if get is None:
+        return {}
+    raw = get()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+    except json.JSONDecodeError:
+        return {"<unparsable>": raw}
+    return value if isinstance(value, dict) else {"<parameters>": value}

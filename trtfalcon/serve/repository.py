@@ -9,7 +9,7 @@ Why these choices:
 - In-flight batching happens inside the runtime (token-level, across requests), so Triton's dynamic batcher is
   off and max_batch_size is 0: each Triton request is one prompt, handed to the engine as soon as it arrives.
 - Decoupled transaction policy: a request gets any number of responses (one per token when streaming) and ends
-  with TRITONSERVER_RESPONSE_COMPLETE_FINAL_FLAG.
+  with TRITONSERVER_RESPONSE_COMPLETE_FINAL.
 - Weights are referenced, not copied, by default: a checkpoint or engine is gigabytes and the repository is
   regenerated often (sizing changes), so trtfalcon.json holds its absolute path and the container must mount it
   at the same path. `copy_model=True` copies it into 1/model/ (a relative path in trtfalcon.json) for a

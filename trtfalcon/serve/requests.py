@@ -121,8 +121,9 @@ def _dtype_ok(arr: np.ndarray, spec: TensorSpec) -> bool:
     return arr.dtype == spec.numpy_dtype
 
 
-def parse_request(get: GetInput, limits: ServeLimits, tokenizer: Any | None = None) -> ParsedRequest:
-    """Validate and convert; raise RequestError naming every bad input."""
+def parse_request(get: GetInput, limits: ServeLimits, tokenizer: Any | None = None,
+                  parameters: dict[str, Any] | None = None) -> ParsedRequest:
+    """Validate and convert; raise RequestError naming every bad input (and every request parameter)."""
     allowed = {"input_ids", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos",
                "stream", "logprobs"}
     if tokenizer is not None:
@@ -199,6 +200,12 @@ def parse_request(get: GetInput, limits: ServeLimits, tokenizer: Any | None = No
                     f"{len(w)} characters at position {i}")
     ignore_eos = inp.scalar("ignore_eos")
     stream = inp.scalar("stream")
+
+    # Every option is an input. A request parameter is a client's mistake that would otherwise pass silently:
+    # the generate endpoint turns each JSON field that names no input into one (`"max_new_tokens": 64`).
+    for name, value in sorted((parameters or {}).items()):
+        inp.problems.append(f"parameter '{name}': expected no request parameters (this model's options are its "
+                            f"inputs: {', '.join(sorted(allowed))}), found {name}={value!r:.40}")
 
     if inp.problems:
         raise RequestError("; ".join(inp.problems))
