@@ -8,7 +8,13 @@ batch. A time budget per batch stops generation early if it runs out (a stopping
 how many tokens were generated; the prefill alone is timed too (max_new_tokens = 1), so the decode rate is known.
 
 No fused Mamba kernels are on the GPU machine (mamba_ssm, causal_conv1d, the kernels hub: absent, no network), so
-transformers runs its torch path: what a user without those packages gets.
+transformers runs its torch path: what a user without those packages gets. That path's prefill scan (transformers
+5.17, the GPU image's) materialises broadcast products in fp32: C x B over (batch, chunks, chunk, chunk, heads,
+d_state), the chunk states over (batch, tokens, heads, head_dim, d_state) twice (103 GB at batch 64, 512 tokens,
+whatever the chunk), and their recurrence over (batch, chunks+1, chunks+1, heads, head_dim, d_state). The baseline
+runs with the power-of-two mamba_chunk_size (at most the model's) that minimises the chunk-dependent ones: the
+chunked scan's result does not depend on the chunk length, only those temporaries do (the report says which chunk
+ran, and the largest temporary). At the model's own chunk (256) batch 64 would need 206 GB for C x B alone.
 
     python bench/gpu/hf_generate.py --batch 32 --batch 64 --isl 512 --osl 256 --out hf.json
     python bench/gpu/hf_generate.py --dry-run --out hf.json      # tiny preset on the CPU
@@ -24,16 +30,34 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing to fetch, and no network to wait on
 os.environ.setdefault("USE_HUB_KERNELS", "0")
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # the scan's 100 GB temporaries
 
 import torch  # noqa: E402
 
 from trtfalcon.config import preset_dict  # noqa: E402
 
 
-def build_model(name: str, dtype: torch.dtype, device: torch.device):
+def scan_chunk(raw: dict, batch: int, isl: int) -> tuple[int, float]:
+    """(chunk, bytes of the largest fp32 temporary of transformers' torch scan) for the power-of-two chunk in
+    [16, the model's] that makes its chunk-dependent temporaries smallest (see above)."""
+    h, p, n = raw["mamba_n_heads"], raw["mamba_d_head"], raw["mamba_d_state"]
+    fixed = batch * isl * h * p * n * 4  # the chunk states, before their sum
+
+    def peak(chunk: int) -> float:
+        chunks = -(-isl // chunk)
+        cb = batch * chunks * chunk * chunk * h * n * 4
+        recurrence = batch * (chunks + 1) ** 2 * h * p * n * 4
+        return max(cb, recurrence, fixed)
+
+    options = [c for c in (16, 32, 64, 128, 256, 512) if c <= raw["mamba_chunk_size"]] or [raw["mamba_chunk_size"]]
+    best = min(options, key=lambda c: (peak(c), -c))
+    return best, peak(best)
+
+
+def build_model(name: str, dtype: torch.dtype, device: torch.device, chunk: int):
     from transformers import FalconH1Config, FalconH1ForCausalLM
 
-    cfg = FalconH1Config(**preset_dict(name))
+    cfg = FalconH1Config(**{**preset_dict(name), "mamba_chunk_size": chunk})
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in bf16: no fp32 copy of 7B parameters
     try:
@@ -69,13 +93,18 @@ def main() -> None:
     dtype = torch.float32 if dry else torch.bfloat16
     if device.type == "cpu":
         torch.set_num_threads(1)
+    batches = sorted(args.batch or [32, 64])
+    raw = preset_dict(name)
+    chunk, scan_bytes = scan_chunk(raw, max(batches), isl)
     t0 = time.perf_counter()
-    model, cfg = build_model(name, dtype, device)
+    model, cfg = build_model(name, dtype, device, chunk)
     _sync(device)
     import transformers
 
     meta = {"preset": name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "dtype": str(dtype).removeprefix("torch."), "isl": isl, "osl": osl, "build_s": round(time.perf_counter() - t0, 2),
+            "dtype": str(dtype).removeprefix("torch."), "isl": isl, "osl": osl,
+            "mamba_chunk_size": chunk, "model_mamba_chunk_size": raw["mamba_chunk_size"],
+            "largest_scan_temporary_gb": round(scan_bytes / 1e9, 1), "build_s": round(time.perf_counter() - t0, 2),
             "transformers": transformers.__version__, "torch": torch.__version__}
     print(json.dumps(meta), flush=True)
 
@@ -99,7 +128,7 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(args.seed)
     runs = []
-    for b in sorted(args.batch or [32, 64]):
+    for b in batches:
         run: dict = {"batch": b}
         try:
             ids = torch.randint(cfg.vocab_size, (b, isl), generator=gen).to(device)
