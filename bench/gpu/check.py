@@ -95,9 +95,9 @@ def parts(py: str, dry: bool, osl: int) -> list[Part]:
     gpu_env = {} if dry else {"TRITON_INTERPRET": "0"}
     return [
         Part("env", [py, "-c", ENV_CODE, "{result}"], 30, min_s=5),
-        Part("gpu_path_tests", pytest + ["tests/gpu"], 60, env=gpu_env, tests=True, log="gpu_path_tests.log"),
+        Part("gpu_path_tests", pytest + ["tests/gpu"], 75, env=gpu_env, tests=True, log="gpu_path_tests.log"),
         Part("kernel_timings", [py, "bench/gpu/kernel_timings.py", "--out", "{result}"] + (["--dry-run"] if dry else []),
-             60, env={"TRITON_INTERPRET": "1"} if dry else gpu_env),
+             75, env={"TRITON_INTERPRET": "1"} if dry else gpu_env),
         Part("e2e_bf16", e2e + ["--weights", "bf16"], 90, min_s=40, env=gpu_env),
         Part("e2e_fp8", e2e + ["--weights", "fp8"], 80, min_s=40, env=gpu_env),
         Part("transformers", hf + ["--budget-s", "12" if dry else "30"], 100, min_s=40),

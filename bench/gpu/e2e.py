@@ -109,6 +109,7 @@ def main() -> None:
         "torch": torch.__version__, "torch_cuda": torch.version.cuda,
     }
     print(json.dumps(meta), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     runs = []
     for b in batches:
         requests = token_norm_dist(b, isl, osl, vocab_size=cfg.vocab_size, seed=args.seed, max_seq_len=max_seq_len)
@@ -136,10 +137,9 @@ def main() -> None:
             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None,
         }
         runs.append(run)
+        args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")  # kept if a later one dies
         print(f"batch {b}: {run['output_tokens_per_s_per_gpu']} tok/s, TPOT p50 {tpot} ms, "
               f"{run['graph_replays']} graph steps, {run['eager_steps']} eager steps", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,7 @@ def main() -> None:
         _sync(device)
         return int(out.shape[1] - ids.shape[1]), time.perf_counter() - start
 
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(args.seed)
     runs = []
     for b in batches:
@@ -148,8 +149,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         runs.append(run)
         print(json.dumps(run), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")  # kept if a later one dies
 
 
 if __name__ == "__main__":

@@ -126,6 +126,11 @@ def main() -> None:
             raise SystemExit("kernel_timings: no CUDA device (use --dry-run on a CPU)")
         cfg, scenarios, device = preset("7b"), kernel_roofline.SCENARIOS, torch.device("cuda")
     by_name = {s[0]: s for s in scenarios}
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
+            "dtype": args.dtype, "preset": "tiny" if args.dry_run else "7b",
+            "hbm_bytes_per_s": kernel_roofline.HBM_BYTES_PER_S, "bf16_flop_per_s": kernel_roofline.BF16_FLOP_PER_S,
+            "method": "host clock, one call" if args.dry_run else "do_bench_cudagraph median, rotated inputs"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for row in kernel_roofline.rows(cfg, scenarios):
         entry = {"kernel": row.kernel, "scenario": row.scenario, "tokens": row.tokens, "roofline_us": row.t_roof_us,
@@ -141,12 +146,8 @@ def main() -> None:
         shown = (f"{entry['us']:9.1f} us {entry['gb_per_s']:8.1f} GB/s {entry['fraction_of_roofline']:6.1%}"
                  if "us" in entry else entry["error"][:80])
         print(f"{row.kernel:<24}{row.scenario:<14}{shown}", flush=True)
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
-            "dtype": args.dtype, "preset": "tiny" if args.dry_run else "7b",
-            "hbm_bytes_per_s": kernel_roofline.HBM_BYTES_PER_S, "bf16_flop_per_s": kernel_roofline.BF16_FLOP_PER_S,
-            "method": "host clock, one call" if args.dry_run else "do_bench_cudagraph median, rotated inputs"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
+        # after every row: a part stopped at its time box still reports the rows it timed
+        args.out.write_text(json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
