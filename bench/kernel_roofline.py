@@ -19,7 +19,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from trtfalcon.config import preset
+from trtfalcon.config import FalconH1Config, preset
 
 HBM_BYTES_PER_S = 4.3e12
 BF16_FLOP_PER_S = 989e12
@@ -50,16 +50,20 @@ class Row:
         return self
 
 
-def rows() -> list[Row]:
-    cfg = preset("7b")
+# (name, sequences, tokens, tokens already cached per sequence); decode = one token per sequence
+SCENARIOS = (("decode b=32", 32, 32, CONTEXT), ("decode b=64", 64, 64, CONTEXT),
+             ("prefill 512", 1, 512, 0), ("prefill 8k", 1, 8192, 0))
+
+
+def rows(cfg: FalconH1Config | None = None, scenarios: tuple[tuple[str, int, int, int], ...] = SCENARIOS) -> list[Row]:
+    """The table for `cfg` (default: the 7B) over `scenarios` (bench/gpu/kernel_timings.py times the same rows)."""
+    cfg = cfg or preset("7b")
     H, P, N, G = cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state, cfg.mamba_n_groups
     d_ssm, conv_dim, K = cfg.mamba_d_ssm, cfg.conv_dim, cfg.mamba_d_conv
     hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     Q = cfg.mamba_chunk_size
     state_bytes = H * P * N * FP32  # per sequence
     out: list[Row] = []
-    scenarios = [("decode b=32", 32, 32, CONTEXT), ("decode b=64", 64, 64, CONTEXT),
-                 ("prefill 512", 1, 512, 0), ("prefill 8k", 1, 8192, 0)]
     for name, seqs, T, ctx in scenarios:
         decode = T == seqs
         # causal conv1d: x in, out, conv state read + write, weights
@@ -87,7 +91,7 @@ def rows() -> list[Row]:
             out.append(Row("paged_attention_decode", name, T,
                            bytes=qkvo + seqs * ctx * kv_row + T * kv_row,
                            flops=T * 4 * (ctx + 1) * hq * hd,
-                           note=f"context {CONTEXT}; K/V read once per KV head (GQA rows packed)").finish())
+                           note=f"context {ctx}; K/V read once per KV head (GQA rows packed)").finish())
         else:
             out.append(Row("paged_attention", name, T, bytes=qkvo + T * kv_row,
                            flops=4 * hq * hd * T * (T + 1) / 2,  # causal: QK^T and PV over the lower triangle

@@ -25,34 +25,35 @@ from trtfalcon.config import FalconH1Config
 from trtfalcon.dtypes import FLOAT_NAMES, lookup
 
 
-def _generator(seed: int, name: str) -> torch.Generator:
+def tensor_generator(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def _init(name: str, shape: tuple[int, ...], gen: torch.Generator, rows: tuple[int, int]) -> torch.Tensor:
-    """Rows [start, end) of tensor `name` in fp32."""
+def init_rows(name: str, shape: tuple[int, ...], gen: torch.Generator, rows: tuple[int, int]) -> torch.Tensor:
+    """Rows [start, end) of tensor `name` (an HF name) in fp32, on the generator's device."""
     n = rows[1] - rows[0]
     sub = (n, *shape[1:])
+    dev = gen.device
     leaf = name.rsplit(".", 1)[-1]
     module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
     if name.endswith("embed_tokens.weight"):
-        return torch.randn(sub, generator=gen)
+        return torch.randn(sub, generator=gen, device=dev)
     if "norm" in module or "layernorm" in module:
-        return 1.0 + 0.1 * torch.randn(sub, generator=gen)
+        return 1.0 + 0.1 * torch.randn(sub, generator=gen, device=dev)
     if leaf == "A_log":  # A = -exp(A_log) in [-16, -1]
-        return torch.log(torch.empty(sub).uniform_(1.0, 16.0, generator=gen))
+        return torch.log(torch.empty(sub, device=dev).uniform_(1.0, 16.0, generator=gen))
     if leaf == "D":
-        return 1.0 + 0.1 * torch.randn(sub, generator=gen)
+        return 1.0 + 0.1 * torch.randn(sub, generator=gen, device=dev)
     if leaf == "dt_bias":  # softplus^-1 of dt ~ log-uniform(1e-3, 1e-1), Mamba2's init
-        dt = torch.exp(torch.empty(sub).uniform_(math.log(1e-3), math.log(1e-1), generator=gen))
+        dt = torch.exp(torch.empty(sub, device=dev).uniform_(math.log(1e-3), math.log(1e-1), generator=gen))
         return dt + torch.log(-torch.expm1(-dt))
     if leaf == "bias":
-        return 0.1 * torch.randn(sub, generator=gen)
+        return 0.1 * torch.randn(sub, generator=gen, device=dev)
     if module == "conv1d":
-        return torch.randn(sub, generator=gen) / math.sqrt(shape[-1])
+        return torch.randn(sub, generator=gen, device=dev) / math.sqrt(shape[-1])
     fan_in = shape[-1]
-    return torch.randn(sub, generator=gen) / math.sqrt(fan_in)
+    return torch.randn(sub, generator=gen, device=dev) / math.sqrt(fan_in)
 
 
 def synth_checkpoint(
@@ -75,10 +76,10 @@ def synth_checkpoint(
     ]
 
     def produce(spec: TensorSpec) -> Iterator[torch.Tensor]:
-        gen = _generator(seed, spec.name)
+        gen = tensor_generator(seed, spec.name)
         row_bytes = 4 * math.prod(spec.shape[1:])
         for start, end in row_chunks(spec.shape[0], row_bytes):
-            yield _init(spec.name, spec.shape, gen, (start, end)).to(spec.dtype)
+            yield init_rows(spec.name, spec.shape, gen, (start, end)).to(spec.dtype)
 
     out = Path(out_dir)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:

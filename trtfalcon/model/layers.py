@@ -10,6 +10,9 @@ references on CPU, Triton kernels on CUDA; they read and update the cache pools 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +22,13 @@ from trtfalcon.model.weights import DeployWeights
 from trtfalcon.plugins.ops import Ops, get_ops
 from trtfalcon.checkpoint.deploy_fp8 import FP8_DTYPE, KV_SCALES, fake_quant_fp8
 from trtfalcon.runtime.contract import StepBatch
+
+if TYPE_CHECKING:
+    from trtfalcon.model.fp8_gemm import ScaledMmLinears
+
+# linear's signature: (x, weights, deploy name of the linear) -> x @ W.T + b. A model whose FP8 linears run as FP8
+# GEMMs passes its own (FalconH1Model.proj); None means the module's `linear`, looked up at call time.
+Linear = Callable[[torch.Tensor, DeployWeights, str], torch.Tensor]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -52,9 +62,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def mlp(n: torch.Tensor, w: DeployWeights, prefix: str) -> torch.Tensor:
-    gate, up = linear(n, w, f"{prefix}.mlp.gate_up_proj").chunk(2, dim=-1)
-    return linear(up * F.silu(gate), w, f"{prefix}.mlp.down_proj")
+def mlp(n: torch.Tensor, w: DeployWeights, prefix: str, proj: Linear | None = None) -> torch.Tensor:
+    proj = proj or linear
+    gate, up = proj(n, w, f"{prefix}.mlp.gate_up_proj").chunk(2, dim=-1)
+    return proj(up * F.silu(gate), w, f"{prefix}.mlp.down_proj")
 
 
 def split_qkv(qkv: torch.Tensor, cfg: FalconH1Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,9 +78,9 @@ def split_qkv(qkv: torch.Tensor, cfg: FalconH1Config) -> tuple[torch.Tensor, tor
     )
 
 
-def mamba_in_proj(n: torch.Tensor, w: DeployWeights, prefix: str, cfg: FalconH1Config):
+def mamba_in_proj(n: torch.Tensor, w: DeployWeights, prefix: str, cfg: FalconH1Config, proj: Linear | None = None):
     """-> z (T, d_ssm), xBC (T, conv_dim), dt (T, H), each contiguous: the plugin kernels index dense layouts."""
-    zxbcdt = linear(n, w, f"{prefix}.mamba.in_proj")
+    zxbcdt = (proj or linear)(n, w, f"{prefix}.mamba.in_proj")
     z, xbc, dt = zxbcdt.split([cfg.mamba_d_ssm, cfg.conv_dim, cfg.mamba_n_heads], -1)
     return z.contiguous(), xbc.contiguous(), dt.contiguous()
 
@@ -102,13 +113,17 @@ def kv_cache_scales(w: DeployWeights, i: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 class FalconH1Model:
-    """The ragged-batch model: `forward(batch, pools)` runs one step of the engine I/O contract."""
+    """The ragged-batch model: `forward(batch, pools)` runs one step of the engine I/O contract.
 
-    def __init__(self, weights: DeployWeights, ops: Ops | None = None):
+    fp8_gemms: the FP8 linears as FP8 GEMMs (model/fp8_gemm.py, CUDA); without it they are fake-quantized."""
+
+    def __init__(self, weights: DeployWeights, ops: Ops | None = None, fp8_gemms: ScaledMmLinears | None = None):
         self.w = weights
         self.cfg = weights.config
         self.ops = ops or get_ops("reference")
         self.dtype = weights.dtype
+        self.fp8_gemms = fp8_gemms
+        self.proj: Linear | None = self._fp8_or_linear if fp8_gemms is not None and fp8_gemms.names() else None
         # A = -exp(A_log), once, in fp32 (the SSD kernels take A).
         self.A = [-torch.exp(weights[f"layers.{i}.mamba.A_log"].float()) for i in range(self.cfg.num_hidden_layers)]
 
@@ -124,14 +139,17 @@ class FalconH1Model:
             m = self._mamba(n, i, batch, pools)
             a = self._attention(n, i, batch, pools, cos, sin)
             h = h + m + a
-            h = h + mlp(rms_norm(h, w[f"{p}.pre_ff_layernorm.weight"], cfg.rms_norm_eps), w, p)
+            h = h + mlp(rms_norm(h, w[f"{p}.pre_ff_layernorm.weight"], cfg.rms_norm_eps), w, p, self.proj)
         last = (batch.cu_seqlens[1:] - 1).long()
         h = rms_norm(h[last], w["final_layernorm.weight"], cfg.rms_norm_eps)
         return F.linear(h, w["lm_head.weight"]).float()
 
+    def _fp8_or_linear(self, x: torch.Tensor, w: DeployWeights, name: str) -> torch.Tensor:
+        return self.fp8_gemms(x, name) if name in self.fp8_gemms else linear(x, w, name)
+
     def _mamba(self, n: torch.Tensor, i: int, batch: StepBatch, pools: dict[str, torch.Tensor]) -> torch.Tensor:
         cfg, w, p = self.cfg, self.w, f"layers.{i}"
-        z, xbc, dt = mamba_in_proj(n, w, p, cfg)
+        z, xbc, dt = mamba_in_proj(n, w, p, cfg, self.proj)
         xbc = self.ops.causal_conv1d(
             xbc, w[f"{p}.mamba.conv1d.weight"], w.get(f"{p}.mamba.conv1d.bias"), pools[f"conv_state.{i}"],
             batch.cu_seqlens, batch.context_lens, batch.state_slots,
@@ -145,14 +163,15 @@ class FalconH1Model:
             y.reshape(y.shape[0], cfg.mamba_d_ssm), z, w.get(f"{p}.mamba.norm.weight"), cfg.mamba_n_groups,
             cfg.rms_norm_eps, cfg.mamba_norm_before_gate, n.dtype,
         )
-        return linear(y, w, f"{p}.mamba.out_proj")
+        return (self.proj or linear)(y, w, f"{p}.mamba.out_proj")
 
     def _attention(
         self, n: torch.Tensor, i: int, batch: StepBatch, pools: dict[str, torch.Tensor],
         cos: torch.Tensor, sin: torch.Tensor,
     ) -> torch.Tensor:
         cfg, w, p = self.cfg, self.w, f"layers.{i}"
-        q, k, v = split_qkv(linear(n, w, f"{p}.attn.qkv_proj"), cfg)
+        proj = self.proj or linear
+        q, k, v = split_qkv(proj(n, w, f"{p}.attn.qkv_proj"), cfg)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv_cache = pools[f"kv_cache.{i}"]
         k_scale, v_scale = kv_cache_scales(w, i) if kv_cache.dtype == FP8_DTYPE else (None, None)
@@ -160,4 +179,4 @@ class FalconH1Model:
             q, k, v, kv_cache, batch.block_tables, batch.cu_seqlens, batch.context_lens,
             cfg.head_dim**-0.5, k_scale, v_scale,
         )
-        return linear(o.reshape(o.shape[0], cfg.q_size), w, f"{p}.attn.o_proj")
+        return proj(o.reshape(o.shape[0], cfg.q_size), w, f"{p}.attn.o_proj")

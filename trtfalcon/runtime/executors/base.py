@@ -23,7 +23,8 @@ class Executor(Protocol):
 
         The batch's tensors are views of the scheduler's reusable host buffers: valid until the next call, so
         copy them (e.g. `batch.to(device)`) rather than keeping them. Logits may stay on the executor's device;
-        the sampler works where they are and copies out only token ids and the requested top-k log-probs.
+        the sampler works where they are and copies out only token ids and the requested top-k log-probs. They
+        may be a view of the executor's own buffer (a CUDA graph's output), valid until the next call.
         """
         ...
 
