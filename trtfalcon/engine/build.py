@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trtfalcon import __version__
 from trtfalcon.checkpoint.safetensors_io import atomic_output_dir
@@ -49,6 +49,9 @@ from trtfalcon.config import FalconH1Config
 from trtfalcon.engine.config import FP8_MIN_CC, BuildConfig, GiB, MemoryPlan, check_fits, load_build_config, optimization_profile
 from trtfalcon.errors import CheckpointError, ConfigError, MissingDependencyError, TrtFalconError
 from trtfalcon.tensorrt_import import GPU_HINT, TENSORRT, TENSORRT_RTX, import_tensorrt
+
+if TYPE_CHECKING:  # plugins/ is imported lazily (it imports torch and triton)
+    from trtfalcon.plugins.aot import KernelSelection
 
 ENGINE_FILE = "model.engine"
 ENGINE_MANIFEST = "manifest.json"
@@ -464,7 +467,7 @@ def run_build(
     return result
 
 
-def engine_kernel_selection(bc: BuildConfig) -> Any:
+def engine_kernel_selection(bc: BuildConfig) -> KernelSelection:
     """The kernel configurations the config's engine runs (plugins/aot.py KernelSelection.for_engine): its ops'
     kernels in its precision's dtypes, what the kernels stage compiles and checks, so that a configuration the engine
     never uses (another KV cache dtype, the torch executor's decode kernels) cannot stop its build."""
