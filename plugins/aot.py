@@ -12,6 +12,9 @@ configuration (activation dtype fp32/bf16, state/cache dtype, constexpr variants
 
 `compile_kernels` is what `trtfalcon plugins compile`, the demo and `build` run: compile_all into an atomically
 written directory, refusing Triton's interpreter and kernels that spill; `print_kernel_report` shows the result.
+Which configurations: `configurations(cfg, KernelSelection(...))`, the one place both decide. `plugins compile`
+takes every one unless its options narrow it; `build` takes `KernelSelection.for_engine(precision)`: exactly the
+kernels and dtypes its engine runs, so a configuration the engine never uses cannot stop a build.
 
 Where the resource numbers come from: Triton's metadata gives `shared` (dynamic shared memory the launch must
 request) and `num_warps`; registers and spills are NOT in Triton's metadata without a GPU (it reads them from
@@ -33,11 +36,11 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from trtfalcon.checkpoint.safetensors_io import atomic_output_dir
 from trtfalcon.config import FalconH1Config, preset
-from trtfalcon.dtypes import lookup
+from trtfalcon.dtypes import FLOAT_NAMES, KV_CACHE_NAMES, SSM_STATE_NAMES, lookup
 from trtfalcon.errors import ConfigError, TrtFalconError
 from trtfalcon.plugins._triton import require_triton
 from trtfalcon.plugins.spec import OPS, KernelContext, KernelSpec, OpSpec
@@ -177,27 +180,27 @@ def compile_kernel(op: OpSpec, ks: KernelSpec, dtypes: dict[str, str], attrs: di
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if cc is None:  # the GPU doing the build (TensorRT 11's aot_impl): its tiles (KernelContext.cc), its target
+        cc = triton.runtime.driver.active.get_current_target().arch
     attrs = {**op.attr_defaults(), **attrs}
     present = {i.name: True for i in op.inputs}  # graph formats always pass every input (fill for absent ones)
-    ctx = KernelContext(attrs, dtypes, present, static_dim)
+    ctx = KernelContext(attrs, dtypes, present, static_dim, cc)
     constexprs = {k: v for k, v in ks.constexprs(ctx).items() if k in ks.fn.arg_names}
     all_constexprs = ks.constexprs(ctx)
     sig = kernel_signature(op, ks, dtypes, attrs, constexprs)
     num_warps = ks.num_warps(all_constexprs)
-    target = GPUTarget("cuda", cc, 32) if cc is not None else None
-    compiled = triton.compile(ASTSource(ks.fn, sig, constexprs=constexprs), target=target,
+    compiled = triton.compile(ASTSource(ks.fn, sig, constexprs=constexprs), target=GPUTarget("cuda", cc, 32),
                               options=dict(num_warps=num_warps, num_stages=ks.num_stages, enable_fp_fusion=True))
     md = compiled.metadata
-    cc_used = cc if cc is not None else int(str(md.arch).removeprefix("sm").rstrip("a"))
     ptx = strip_hidden_params(compiled.asm["ptx"], md.name, len(op.kernel_param_names(ks)))
     comp = CompiledKernel(
-        plugin=op.plugin_name(ks), kernel=ks.name, config=config, arch=f"sm_{cc_used}", name=md.name, ptx=ptx,
+        plugin=op.plugin_name(ks), kernel=ks.name, config=config, arch=f"sm_{cc}", name=md.name, ptx=ptx,
         cubin=compiled.asm.get("cubin", b""), num_warps=md.num_warps, shared_mem=md.shared, signature=sig,
         constexprs=all_constexprs, grid=[str(e) for e in ks.grid],
         scalars=[[n, str(e)] for n, e in ks.scalars],
     )
     if resources:
-        comp.resources = ptxas_resources(ptx, cc_used)
+        comp.resources = ptxas_resources(ptx, cc)
         comp.resources["dynamic_smem"] = md.shared
     return comp
 
@@ -216,40 +219,96 @@ class BuildConfig:
     min_cc: int = 0  # oldest compute capability it compiles for (float8 conversions need sm_89)
 
 
-def configurations(cfg: FalconH1Config, act_dtypes: Iterable[str] = ("float32", "bfloat16")) -> list[BuildConfig]:
-    """Every (op, kernel, dtype, variant) an engine for `cfg` may use: activations fp32 or bf16; the SSM state
-    pool fp32 or bf16; the conv state in the activation dtype or fp32; the KV cache in the activation dtype or
-    FP8 (E4M3, with its k/v scales; sm_89 and newer); norm with/without, before/after gate."""
+@dataclass(frozen=True)
+class KernelSelection:
+    """Which kernel configurations to compile. Each dtype field holds short names (trtfalcon/dtypes.py); None: the
+    ones listed for it. The default is every configuration the kernels are built for (`plugins compile`);
+    `for_engine` is exactly what one engine runs (`build`'s kernels stage).
+
+    dtypes      activations = the compute dtype (q/k/v, x, y, the conv weights)
+    kv_cache    None: each activation dtype, and fp8 (E4M3 with its k/v scales; compiled for sm_89 and newer only)
+    ssm_state   the SSM state pool
+    conv_state  None: each activation dtype, and fp32
+    engine_kernels  only what an exported engine holds: each op's general kernel (the ONNX node's op type,
+                export/onnx.py) and the model's own gated-norm variant; False: every kernel (the decode and
+                recurrent ones the torch executor picks by shape too) and every norm variant.
+    """
+
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    kv_cache: tuple[str, ...] | None = None
+    ssm_state: tuple[str, ...] = SSM_STATE_NAMES
+    conv_state: tuple[str, ...] | None = None
+    engine_kernels: bool = False
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("dtypes", FLOAT_NAMES), ("kv_cache", KV_CACHE_NAMES), ("ssm_state", SSM_STATE_NAMES),
+                              ("conv_state", FLOAT_NAMES)):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if isinstance(values, str) or not values:
+                raise ConfigError(f"kernel selection: {name}: expected a non-empty tuple of dtype names, found "
+                                  f"{values!r}")
+            for v in values:
+                lookup(v, among=allowed, what=f"kernel selection: {name}")
+            object.__setattr__(self, name, tuple(dict.fromkeys(values)))
+
+    @classmethod
+    def for_engine(cls, compute: str, kv_cache: str, ssm_state: str, conv_state: str) -> KernelSelection:
+        """The configurations of one engine: its precision's dtypes (a build config's `precision`), its kernels."""
+        return cls((compute,), (kv_cache,), (ssm_state,), (conv_state,), engine_kernels=True)
+
+    def record(self) -> dict[str, Any]:
+        """What was asked, as the manifest and build.json keep it (None: every one, per activation dtype)."""
+        return {"kernels": "engine" if self.engine_kernels else "all", "dtype": list(self.dtypes),
+                "kv_cache": None if self.kv_cache is None else list(self.kv_cache), "ssm_state": list(self.ssm_state),
+                "conv_state": None if self.conv_state is None else list(self.conv_state)}
+
+
+def configurations(cfg: FalconH1Config, selection: KernelSelection = KernelSelection()) -> list[BuildConfig]:
+    """The (op, kernel, dtype, variant) configurations of `selection` for the model `cfg`: what `plugins compile`
+    and `build` compile, so both decide here. By default every one an engine for `cfg` may use: activations fp32
+    or bf16; the SSM state pool fp32 or bf16; the conv state in the activation dtype or fp32; the KV cache in the
+    activation dtype or FP8 (E4M3, with its k/v scales; sm_89 and newer); norm with/without, before/after gate."""
     out: list[BuildConfig] = []
     i32 = "int32"
     conv_dim, K = cfg.conv_dim, cfg.mamba_d_conv
     H, P, G, N = cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_n_groups, cfg.mamba_d_state
     hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     lim = cfg.time_step_limit
-    for act in act_dtypes:
-        a = lookup(act, "long").name
-        for st in sorted({act, "float32"}):
+    long = lambda name: lookup(name).long  # noqa: E731 - the spec's tensor dtypes are long names
+
+    def kernels(op: str, every: tuple[str, ...]) -> tuple[str, ...]:
+        return (OPS[op].kernels[0].name,) if selection.engine_kernels else every
+
+    if selection.engine_kernels:  # the export's attributes (export/onnx.py make_mamba)
+        norms = ((cfg.mamba_rms_norm, cfg.mamba_norm_before_gate),)
+    else:
+        norms = ((True, False), (True, True), (False, False))
+    for a in selection.dtypes:
+        act = long(a)
+        for st in selection.conv_state or sorted({a, "fp32"}, key=lambda n: long(n)):
             out.append(BuildConfig(
-                "causal_conv1d", "varlen", f"x-{a}_state-{lookup(st, 'long').name}",
-                dict(x=act, weight=act, bias=act, conv_state=st, cu_seqlens=i32, context_lens=i32, state_slots=i32),
+                "causal_conv1d", "varlen", f"x-{a}_state-{st}",
+                dict(x=act, weight=act, bias=act, conv_state=long(st), cu_seqlens=i32, context_lens=i32,
+                     state_slots=i32),
                 dict(activation=True), dict(x=(1, conv_dim), weight=(conv_dim, K))))
-        for kern in ("chunked", "recurrent"):
-            for st in ("float32", "bfloat16"):
+        for kern in kernels("ssd", ("chunked", "recurrent")):
+            for st in selection.ssm_state:
                 out.append(BuildConfig(
-                    "ssd", kern, f"x-{a}_state-{lookup(st, 'long').name}",
-                    dict(x=act, dt=act, A="float32", B=act, C=act, D="float32", dt_bias="float32", ssm_state=st,
-                         cu_seqlens=i32, context_lens=i32, state_slots=i32),
+                    "ssd", kern, f"x-{a}_state-{st}",
+                    dict(x=act, dt=act, A="float32", B=act, C=act, D="float32", dt_bias="float32",
+                         ssm_state=long(st), cu_seqlens=i32, context_lens=i32, state_slots=i32),
                     dict(chunk_size=cfg.mamba_chunk_size, dt_min=float(lim[0]), dt_max=float(lim[1])),
                     dict(x=(1, H, P), B=(1, G, N))))
-        for kern in ("prefill", "decode"):
-            for cache in (act, "float8_e4m3fn"):
-                fp8 = cache == "float8_e4m3fn"
+        for kern in kernels("paged_attention", ("prefill", "decode")):
+            for cache in selection.kv_cache or (a, "fp8"):
                 out.append(BuildConfig(
-                    "paged_attention", kern, f"qkv-{a}_cache-{'fp8' if fp8 else a}",
-                    dict(q=act, k=act, v=act, kv_cache=cache, block_tables=i32, cu_seqlens=i32, context_lens=i32,
-                         k_scale="float32", v_scale="float32"),
-                    dict(scale=0.0), dict(q=(1, hq, hd), k=(1, hkv, hd)), min_cc=89 if fp8 else 0))
-        for has_norm, nbg in ((True, False), (True, True), (False, False)):
+                    "paged_attention", kern, f"qkv-{a}_cache-{cache}",
+                    dict(q=act, k=act, v=act, kv_cache=long(cache), block_tables=i32, cu_seqlens=i32,
+                         context_lens=i32, k_scale="float32", v_scale="float32"),
+                    dict(scale=0.0), dict(q=(1, hq, hd), k=(1, hkv, hd)), min_cc=89 if cache == "fp8" else 0))
+        for has_norm, nbg in norms:
             tag = f"y-{a}_" + (("norm-before-gate" if nbg else "gate-then-norm") if has_norm else "gate-only")
             out.append(BuildConfig(
                 "gated_rms_norm", "rows", tag, dict(y=act, z=act, weight=act),
@@ -265,16 +324,23 @@ def compile_config(bc: BuildConfig, cc: int, resources: bool = True) -> Compiled
 
 
 def compile_all(archs: list[str], out_dir: Path, progress: Callable[[str], None] | None = None, *,
-                config: FalconH1Config | None = None,
-                act_dtypes: Iterable[str] = ("float32", "bfloat16")) -> dict[str, Any]:
-    """Compile every kernel for every arch and configuration of `config` (default: the Falcon-H1-7B preset).
+                config: FalconH1Config | None = None, selection: KernelSelection = KernelSelection()) -> dict[str, Any]:
+    """Compile the kernels of `selection` (default: every one) for every arch, for the model `config` (default: the
+    Falcon-H1-7B preset).
 
     Writes the artifacts described in the module docstring under out_dir and returns the manifest
-    {"model": ..., "archs": [...], "kernels": [record, ...]}. progress(msg) is called once per kernel compiled.
+    {"model": ..., "archs": [...], "selection": ..., "kernels": [record, ...]}. progress(msg) is called once per
+    kernel compiled.
     """
     cfg = config if config is not None else preset("7b")
     out_dir = Path(out_dir)
-    configs = configurations(cfg, act_dtypes)
+    configs = configurations(cfg, selection)
+    if selection.kv_cache is not None:  # asked for by name: a configuration an arch cannot run is an error, not a skip
+        for arch in archs:
+            unable = sorted({f"{bc.op} {bc.tag}" for bc in configs if parse_arch(arch) < bc.min_cc})
+            if unable:
+                raise ConfigError(f"kernel selection: kv_cache fp8 needs sm_89 or newer (E4M3 conversions); arch "
+                                  f"{arch} cannot run {', '.join(unable)}: compile fp8 for newer archs only")
     records: list[dict[str, Any]] = []
     for arch in archs:
         cc = parse_arch(arch)
@@ -297,7 +363,7 @@ def compile_all(archs: list[str], out_dir: Path, progress: Callable[[str], None]
                 progress(f"sm_{cc} {stem}: {r.get('registers')} regs, {r.get('spill_stores', 0)}+"
                          f"{r.get('spill_loads', 0)} B spilled, {comp.shared_mem} B smem")
     manifest = {"model": cfg.summary(), "archs": [f"sm_{parse_arch(a)}" for a in archs],
-                "kernels": records}
+                "selection": selection.record(), "kernels": records}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return manifest
 
@@ -329,7 +395,8 @@ def spilling(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 # What `plugins compile`, the demo and `build` run
 # ---------------------------------------------------------------------------------------------------------------
 def compile_kernels(archs: list[str], out_dir: str | Path, *, config: FalconH1Config | None = None,
-                    overwrite: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                    selection: KernelSelection = KernelSelection(), overwrite: bool = False,
+                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """compile_all into out_dir, written atomically (nothing is left there if a compile fails); returns the manifest.
 
     Raises ConfigError when TRITON_INTERPRET is set (the interpreter replaces Triton's compiler), and, once out_dir
@@ -339,13 +406,14 @@ def compile_kernels(archs: list[str], out_dir: str | Path, *, config: FalconH1Co
         raise ConfigError("unset TRITON_INTERPRET: ahead-of-time compilation needs Triton's compiler")
     require_triton()
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        manifest = compile_all(list(archs), tmp, progress=progress, config=config)
+        manifest = compile_all(list(archs), tmp, progress=progress, config=config, selection=selection)
     bad = spilling(manifest)
     if bad:
         spills = ", ".join(f"{r['arch']} {r['plugin']} {r['config']} ({r['spill_stores']}+{r['spill_loads']} B)"
                            for r in bad)
         raise ConfigError(f"{len(bad)} kernel(s) spill registers: {spills}; expected none (see "
-                          f"{Path(out_dir) / 'manifest.json'})")
+                          f"{Path(out_dir) / 'manifest.json'}; each kernel's tiles per arch are in its declaration, "
+                          "plugins/spec.py)")
     return manifest
 
 
@@ -376,6 +444,6 @@ def print_kernel_report(manifest: dict[str, Any], out_dir: str | Path | None = N
         console.out(f"wrote {len(manifest['kernels'])} kernels to {out_dir}", highlight=False)
 
 
-__all__ = ["AOTError", "BuildConfig", "CompiledKernel", "REPORT_COLUMNS", "compile_all", "compile_config",
-           "compile_kernel", "compile_kernels", "configurations", "kernel_report", "parse_arch",
+__all__ = ["AOTError", "BuildConfig", "CompiledKernel", "KernelSelection", "REPORT_COLUMNS", "compile_all",
+           "compile_config", "compile_kernel", "compile_kernels", "configurations", "kernel_report", "parse_arch",
            "print_kernel_report", "ptxas_resources", "report_rows", "spilling"]

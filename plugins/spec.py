@@ -137,11 +137,14 @@ class Attr:
 
 
 class KernelContext:
-    """What a kernel's compile-time constants may depend on: attributes, dtypes, presence, static dimensions."""
+    """What a kernel's compile-time constants may depend on: attributes, dtypes, presence, static dimensions, and
+    the compute capability it is compiled for (89 for sm_89; None where unknown, as in the interpreter: the
+    default tiles), since how many registers a tile needs depends on the GPU's tensor-core instructions."""
 
     def __init__(self, attrs: dict[str, Any], dtypes: dict[str, str], present: dict[str, bool],
-                 static_dim: Callable[[str, int], int]):
+                 static_dim: Callable[[str, int], int], cc: int | None = None):
         self.attrs, self.dtypes, self.present, self._static_dim = attrs, dtypes, present, static_dim
+        self.cc = cc
 
     def dim(self, tensor: str, axis: int) -> int:
         return self._static_dim(tensor, axis)
@@ -383,16 +386,28 @@ def _bind_attn(q, k, v, kv_cache, block_tables, cu_seqlens, context_lens, scale=
             dict(scale=float(scale) if scale is not None else 0.0))
 
 
-def _attn_constexprs(block_m: int, block_n: int) -> Callable[[KernelContext], dict[str, Any]]:
+def mma_sync_only(cc: int | None) -> bool:
+    """GPUs whose tensor cores take both dot operands and the accumulator from registers (mma.sync: sm_80/86/89,
+    and sm_120/121, the RTX Blackwell parts), not Hopper's wgmma or datacenter Blackwell's tcgen05 (sm_90, sm_100)."""
+    return cc is not None and (cc < 90 or cc >= 120)
+
+
+def _attn_constexprs(block_m: int, block_n: int, mma_sync_tile: tuple[int, int]
+                     ) -> Callable[[KernelContext], dict[str, Any]]:
     def make(c: KernelContext) -> dict[str, Any]:
         hq, hkv, d = c.dim("q", 1), c.dim("k", 1), c.dim("q", 2)
         qg = hq // hkv
-        bm = max(block_m, _pow2(qg))
         scale = c.attrs["scale"] or d**-0.5
         # only an FP8 cache reads its scales: bf16/fp32 kernels stay the code they were (no loads, no division)
         fp8 = c.dtypes["kv_cache"] == "float8_e4m3fn"
         # fp32 operands take twice the registers: halve the key tile (and for heads wider than 128)
         bn = block_n // (2 if c.dtypes["q"] == "float32" else 1) // (2 if d > 128 else 1)
+        rows = block_m
+        if mma_sync_only(c.cc) and (fp8 or c.dtypes["q"] == "float32"):
+            # fp8 -> bf16 conversions of K/V, or fp32 operands, beside register-held dot operands: at 7B heads the
+            # default tile spills on sm_80/86/89/120 (ptxas -v, plugins/aot.py); mma_sync_tile = (rows, keys) caps
+            rows, bn = min(rows, mma_sync_tile[0]), min(bn, mma_sync_tile[1])
+        bm = max(rows, _pow2(qg))
         return dict(HQ=hq, HKV=hkv, HEAD_DIM=d, SCALE=float(scale), TOKENS_PER_TILE=bm // qg,
                     BLOCK_TT=_pow2(bm // qg), BLOCK_M=bm, BLOCK_N=max(16, bn), BLOCK_D=max(16, _pow2(d)),
                     KV_FP8=fp8, HAS_KV_SCALE=fp8 and bool(c.present["k_scale"]))
@@ -423,10 +438,11 @@ PAGED_ATTENTION = OpSpec(
     bind=_bind_attn,
     kernels=(
         KernelSpec(name="prefill", fn=attention.paged_attention_kernel, grid=_ATTN_GRID, scalars=_ATTN_SCALARS,
-                   constexprs=_attn_constexprs(64, 32), num_warps=lambda k: 8,
-                   doc="any batch; 64 (token, head) rows per program"),
+                   constexprs=_attn_constexprs(64, 32, (32, 32)), num_warps=lambda k: 8 if k["BLOCK_M"] >= 64 else 4,
+                   doc="any batch; 64 (token, head) rows per program (32 on sm_80/86/89/120 for FP8 caches and "
+                       "fp32)"),
         KernelSpec(name="decode", fn=attention.paged_attention_kernel, grid=_ATTN_GRID, scalars=_ATTN_SCALARS,
-                   constexprs=_attn_constexprs(16, 32), num_warps=lambda k: 4,
+                   constexprs=_attn_constexprs(16, 32, (16, 16)), num_warps=lambda k: 4,
                    doc="any batch; 16 rows per program, chosen when num_tokens == num_seqs"),
     ),
     select=lambda s: "decode" if s["q"][0] == s["context_lens"][0] else "prefill",
@@ -458,10 +474,12 @@ def _check(op: OpSpec, tensors: dict[str, torch.Tensor | None]) -> dict[str, str
     return dtypes
 
 
-def launch(op: OpSpec, *args: Any, kernel: str | None = None, **kwargs: Any) -> torch.Tensor:
+def launch(op: OpSpec, *args: Any, kernel: str | None = None, cc: int | None = None, **kwargs: Any) -> torch.Tensor:
     """Run `op`'s Triton kernel with the reference's arguments; in-place outputs update their inputs.
 
     On CPU tensors this needs TRITON_INTERPRET=1 (Triton's interpreter); on CUDA tensors it is the GPU path.
+    cc: the compute capability whose tiles to use (KernelContext.cc); default the CUDA tensors' GPU's, None on the
+    CPU (the interpreter runs any GPU's tiles: the tests pass cc to check a GPU's tiles there).
     Returns what the reference returns (its one non-aliased output).
     """
     require_triton()
@@ -471,7 +489,11 @@ def launch(op: OpSpec, *args: Any, kernel: str | None = None, **kwargs: Any) -> 
     shapes = {n: tuple(t.shape) for n, t in tensors.items() if t is not None}
     ks = op.kernel(kernel if kernel is not None else op.select(shapes))
     present = {i.name: tensors[i.name] is not None for i in op.inputs}
-    ctx = KernelContext(attrs, dtypes, present, lambda t, a: shapes[t][a])
+    first = next(t for t in tensors.values() if t is not None)
+    if cc is None and first.is_cuda:
+        major, minor = torch.cuda.get_device_capability(first.device)
+        cc = major * 10 + minor
+    ctx = KernelContext(attrs, dtypes, present, lambda t, a: shapes[t][a], cc)
     constexprs = ks.constexprs(ctx)
 
     def dim_of(t: str, a: int) -> int:
@@ -486,7 +508,6 @@ def launch(op: OpSpec, *args: Any, kernel: str | None = None, **kwargs: Any) -> 
                         what=f"{op.name}: output {o.name!r} dtype", error=TrtFalconError).torch
             outputs[o.name] = torch.empty(shapes[o.like], dtype=dt, device=tensors[o.like].device)
     grid = tuple(int(e.evaluate(dim_of, constexprs)) for e in ks.grid)
-    first = next(t for t in tensors.values() if t is not None)
     kargs = [tensors[i.name] if tensors[i.name] is not None else first for i in op.inputs]
     kargs += [int(e.evaluate(dim_of, constexprs)) for _, e in ks.scalars]
     kargs += [outputs[o.name] for o in op.outputs]
@@ -510,4 +531,4 @@ def torch_call(op: OpSpec) -> Callable[..., torch.Tensor]:
 
 
 __all__ = ["DOMAIN", "OPS", "TENSOR_DTYPES", "Attr", "Expr", "KernelContext", "KernelSpec", "OpSpec", "OutputArg",
-           "TensorArg", "cdiv", "dim", "cexpr", "launch", "ssd_kernel_chunk", "torch_call"]
+           "TensorArg", "cdiv", "dim", "cexpr", "launch", "mma_sync_only", "ssd_kernel_chunk", "torch_call"]

@@ -529,25 +529,48 @@ def plugins() -> None:
 @click.option("--preset", default="7b", show_default=True, help="Model shape the kernels are specialised for.")
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Take the model shape from this checkpoint's config.json instead of --preset.")
+@click.option("--dtype", "dtypes", multiple=True, type=DTYPE_CHOICE,
+              help="Only this activation (compute) dtype; repeatable [default: fp32 and bf16].")
+@click.option("--kv-cache-dtype", "kv_cache", multiple=True, type=click.Choice(KV_CACHE_NAMES),
+              help="Only this KV cache dtype; repeatable [default: each activation dtype, and fp8 on sm_89+].")
+@click.option("--ssm-state-dtype", "ssm_state", multiple=True, type=click.Choice(SSM_STATE_NAMES),
+              help="Only this SSM state dtype; repeatable [default: fp32 and bf16].")
+@click.option("--conv-state-dtype", "conv_state", multiple=True, type=DTYPE_CHOICE,
+              help="Only this conv state dtype; repeatable [default: each activation dtype, and fp32].")
+@click.option("--engine-kernels", is_flag=True,
+              help="Only the kernels an exported engine holds (each op's general kernel, the model's gated-norm "
+                   "variant), not the decode/recurrent ones the torch executor also picks.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @handle_errors
-def plugins_compile(archs: tuple[str, ...], out_dir: Path, preset: str, checkpoint: Path | None, overwrite: bool) -> None:
-    """Compile every plugin kernel ahead of time, on this machine, no GPU needed.
+def plugins_compile(archs: tuple[str, ...], out_dir: Path, preset: str, checkpoint: Path | None,
+                    dtypes: tuple[str, ...], kv_cache: tuple[str, ...], ssm_state: tuple[str, ...],
+                    conv_state: tuple[str, ...], engine_kernels: bool, overwrite: bool) -> None:
+    """Compile the plugin kernels ahead of time, on this machine, no GPU needed.
 
     Triton compiles each kernel for each architecture and configuration (activation dtype, state dtype,
     prefill/decode variants) to PTX, the form TensorRT's ahead-of-time plugins embed in an engine. Registers
     and spills come from ptxas on the shipped PTX. Exits non-zero if any kernel spills registers.
+    Every configuration by default; the dtype options and --engine-kernels narrow it the way `build` does for
+    its engine (a build config's precision: --dtype COMPUTE --kv-cache-dtype KV --ssm-state-dtype SSM
+    --conv-state-dtype CONV --engine-kernels compiles what its kernels stage compiles).
 
     \b
-    Example:  trtfalcon plugins compile --arch sm_90 --arch sm_100 --out runs/kernels
+    Examples:
+      trtfalcon plugins compile --arch sm_90 --arch sm_100 --out runs/kernels
+      trtfalcon plugins compile --arch sm_89 --dtype bf16 --kv-cache-dtype fp8 --ssm-state-dtype fp32 \\
+          --conv-state-dtype bf16 --engine-kernels --out runs/kernels-sm89
     """
     from trtfalcon.config import FalconH1Config
     from trtfalcon.config import preset as get_preset
-    from trtfalcon.plugins.aot import compile_kernels, print_kernel_report
+    from trtfalcon.plugins.aot import KernelSelection, compile_kernels, print_kernel_report
 
+    every = KernelSelection()
+    selection = KernelSelection(dtypes or every.dtypes, kv_cache or None, ssm_state or every.ssm_state,
+                                conv_state or None, engine_kernels=engine_kernels)
     cfg = FalconH1Config.from_json_file(checkpoint) if checkpoint else get_preset(preset)
     with progress_messages("compile") as progress:
-        manifest = compile_kernels(list(archs), out_dir, config=cfg, overwrite=overwrite, progress=progress)
+        manifest = compile_kernels(list(archs), out_dir, config=cfg, selection=selection, overwrite=overwrite,
+                                   progress=progress)
     print_kernel_report(manifest, out_dir)
 
 

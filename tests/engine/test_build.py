@@ -112,9 +112,13 @@ def test_h100_fp8_kv_config_builds_up_to_the_engine_on_cpu(tiny_hf, tmp_path):
     attn = next(n for n in model.graph.node if n.op_type == "paged_attention")
     assert list(attn.input[-2:]) == ["layers.0.attn.k_scale", "layers.0.attn.v_scale"]
     kernels = json.loads((out / "kernels" / "manifest.json").read_text())
-    fp8 = [k for k in kernels["kernels"] if k["config"].endswith("cache-fp8")]
-    assert {k["plugin"] for k in fp8} == {"paged_attention", "paged_attention_decode"} and len(fp8) == 4
-    assert all(k["resources"]["spill_stores"] == k["resources"]["spill_loads"] == 0 for k in fp8)
+    # the engine's kernels only (each op's, in the config's precision): the FP8-cache attention, no bf16-cache one
+    assert sorted((k["plugin"], k["config"]) for k in kernels["kernels"]) == [
+        ("causal_conv1d", "x-bf16_state-bf16"), ("gated_rms_norm", "y-bf16_gate-then-norm"),
+        ("paged_attention", "qkv-bf16_cache-fp8"), ("ssd", "x-bf16_state-fp32")]
+    assert record["stages"]["kernels"]["selection"] == kernels["selection"] == {
+        "kernels": "engine", "dtype": ["bf16"], "kv_cache": ["fp8"], "ssm_state": ["fp32"], "conv_state": ["bf16"]}
+    assert all(k["resources"]["spill_stores"] == k["resources"]["spill_loads"] == 0 for k in kernels["kernels"])
 
 
 def test_plan_only(tmp_path):

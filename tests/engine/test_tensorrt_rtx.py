@@ -1,7 +1,8 @@
 """TensorRT for RTX builds real engines here, with no GPU: the tiny model's export parsed and built for sm_89 (FP8 and
 bf16) and sm_80 (bf16), every plugin layer in the engine with its kernel, the pools updated in place, the build
 config's profile read back from what the builder told the plugins; bad targets refused; and `trtfalcon build` with
-a shipped RTX FP8 config writing an engine and its manifest.
+the shipped RTX FP8 configs (sm_89, sm_120) writing an engine and its manifest, its kernels stage compiling exactly
+the configurations the engine runs.
 
 The builds run in a subprocess: the plugin kernels compile with Triton's real compiler, which a test process running
 Triton's interpreter (TRITON_INTERPRET=1, tests/plugins) cannot switch back to. What cannot run here: deserializing
@@ -178,13 +179,30 @@ def test_fp8_export_refused_for_a_gpu_without_fp8(exports, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+def _kernel_configurations(kernels_manifest: dict) -> set:
+    """(plugin, input dtypes) of each kernel the kernels stage compiled, read from its Triton signature."""
+    from trtfalcon.dtypes import lookup
+    from trtfalcon.plugins.tensorrt import plugin_kernels
+
+    out = set()
+    for r in kernels_manifest["kernels"]:
+        op, _ = plugin_kernels()[r["plugin"]]
+        dtypes = {i.name: lookup(r["signature"][f"{i.name}_ptr"][1:], "triton").long for i in op.inputs}
+        out.add((r["plugin"], tuple(sorted(dtypes.items()))))
+    return out
+
+
 @pytest.mark.slow
-def test_cli_build_with_the_rtx_fp8_config(exports, tmp_path):
-    """`trtfalcon build --config build_configs/rtxpro6000-fp8-... --checkpoint HF --out DIR` on this CPU machine: the
-    shipped config as is; the checkpoint is the tiny model's FP8 Hugging Face checkpoint (ModelOpt's format: build
-    converts it; quantizing a bf16 one with the config's 256 x 2048-token calibration takes ~17 min on 2 cores)."""
-    cfg = ROOT / "build_configs" / "rtxpro6000-fp8-b32-isl512-osl32k.yaml"
+@pytest.mark.parametrize("config", ["rtx4090-fp8-b8-isl512-osl8k", "rtxpro6000-fp8-b32-isl512-osl32k"])
+def test_cli_build_with_the_rtx_fp8_config(exports, tmp_path, config):
+    """`trtfalcon build --config build_configs/<RTX FP8 config> --checkpoint HF --out DIR` on this CPU machine, for
+    sm_89 (RTX 4090) and sm_120 (RTX PRO 6000): the shipped config as is; the checkpoint is the tiny model's FP8
+    Hugging Face checkpoint (ModelOpt's format: build converts it; quantizing a bf16 one with the config's 256 x
+    2048-token calibration takes ~17 min on 2 cores). The kernels stage compiles exactly the configurations the
+    engine's plugin layers run (their plugins and dtypes), none spilling, and says so in build.json."""
+    cfg = ROOT / "build_configs" / f"{config}.yaml"
     bc = load_build_config(cfg)
+    arch = bc.target.archs[0]
     out = tmp_path / "build"
     r = subprocess.run([sys.executable, "-m", "trtfalcon.cli", "build", "--config", str(cfg), "--checkpoint",
                         str(exports["fp8_hf"]), "--out", str(out)], capture_output=True, text=True, env=_env(),
@@ -194,10 +212,19 @@ def test_cli_build_with_the_rtx_fp8_config(exports, tmp_path):
     assert {k: v["status"] for k, v in record["stages"].items()} == {
         "convert": "done", "export": "done", "kernels": "done", "engine": "done"}
     m = _manifest(out / "engine")
-    assert m["builder"]["compute_capability"] == "sm_120" and m["build_config"]["name"] == bc.name
+    assert m["builder"]["compute_capability"] == arch and m["build_config"]["name"] == bc.name
     assert (out / "engine" / "model.engine").stat().st_size == m["engine_bytes"] > 1_000_000
-    assert m["fp8"] and m["profile"]["block_tables"]["max"] == [32, 33280 // 64]
-    assert json.loads((out / "kernels" / "manifest.json").read_text())["archs"] == ["sm_120"]
+    assert m["fp8"] and m["profile"]["block_tables"]["max"] == [bc.runtime.max_batch_size, bc.blocks_per_seq]
+    kernels = json.loads((out / "kernels" / "manifest.json").read_text())
+    assert kernels["archs"] == [arch]
+    p = bc.precision
+    assert record["stages"]["kernels"]["selection"] == kernels["selection"] == {
+        "kernels": "engine", "dtype": [p.compute], "kv_cache": [p.kv_cache], "ssm_state": [p.ssm_state],
+        "conv_state": [p.conv_state]}
+    assert len(record["stages"]["kernels"]["configurations"]) == len(kernels["kernels"]) == 4
+    assert not [k for k in kernels["kernels"] if k["resources"]["spill_stores"] or k["resources"]["spill_loads"]]
+    engine_runs = {(v["plugin"], tuple(sorted(v["dtypes"].items()))) for v in m["plugin_layers"].values()}
+    assert _kernel_configurations(kernels) == engine_runs
 
 
 def _engine_plugin_fields(engine: bytes, kernel: str) -> tuple[dict, str]:

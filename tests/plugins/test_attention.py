@@ -190,3 +190,32 @@ def test_paged_attention_scales_absent_or_one_change_nothing():
     assert torch.equal(o1, o2) and torch.equal(c1, c2)
     with pytest.raises(ValueError, match="k_scale and v_scale go together"):
         paged_attention_ref(q, k, v, c1, tables, cu, ctx_t, None, one, None)
+
+
+# ------------------------------------------------------------------------- the tiles of sm_80/86/89/120 (mma.sync)
+@pytest.mark.parametrize("kernel,case", [("prefill", "fp32"), ("prefill", "fp8-cache"), ("decode", "fp8-cache")])
+def test_paged_attention_mma_sync_tiles_match_reference(kernel, case):
+    """sm_80/86/89/120 take smaller tiles where the default ones spill at 7B heads (plugins/spec.py mma_sync_only:
+    32-row prefill tiles for FP8 caches and fp32, 16-key decode tiles for FP8 caches). Those tiles, run in the
+    interpreter with the 7B's heads: a sequence spanning several tiles of 5 tokens, cached positions spanning
+    several key tiles, output and cache bytes against the reference."""
+    from trtfalcon.plugins.spec import KernelContext, dtype_name
+
+    lens, ctx = [12, 1], [5, 21]
+    cu, ctx_t, _ = ragged(lens, ctx)
+    if case == "fp32":
+        q, k, v = (torch.randn(sum(lens), h, 128) for h in (12, 2, 2))
+        cache, tables = make_cache(2, 8, 20, 4, 2, 128, torch.float32)
+        ks = vs = None
+    else:
+        q, k, v, cache, tables, cu, ctx_t, ks, vs = _fp8_case(lens, ctx, (12, 2, 128), torch.bfloat16, num_blocks=20)
+    shapes = {"q": q.shape, "k": k.shape}
+    dtypes = {"q": dtype_name(q.dtype), "kv_cache": dtype_name(cache.dtype)}
+    tiles = [PAGED_ATTENTION.kernel(kernel).constexprs(KernelContext(
+        {"scale": 0.1}, dtypes, {"k_scale": ks is not None}, lambda t, a: shapes[t][a], cc)) for cc in (None, 89)]
+    assert (tiles[0]["BLOCK_M"], tiles[0]["BLOCK_N"]) != (tiles[1]["BLOCK_M"], tiles[1]["BLOCK_N"])
+    c_ref, c_tri = cache.clone(), cache.clone()
+    o_ref = paged_attention_ref(q, k, v, c_ref, tables, cu, ctx_t, 0.1, ks, vs)
+    o_tri = launch(PAGED_ATTENTION, q, k, v, c_tri, tables, cu, ctx_t, 0.1, ks, vs, kernel=kernel, cc=89)
+    torch.testing.assert_close(o_tri.float(), o_ref.float(), **TOL[q.dtype])
+    assert torch.equal(c_tri.view(torch.uint8), c_ref.view(torch.uint8))  # the same bytes, in any cache dtype

@@ -28,7 +28,7 @@ def test_spilling_kernels_fail_once_the_directory_is_written(tmp_path, monkeypat
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     manifest = {"archs": ["sm_90"], "kernels": [_record("ssd", "x-fp32", 0), _record("ssd_recurrent", "x-bf16", 8)]}
 
-    def compile_all(archs, out_dir, progress=None, *, config=None):
+    def compile_all(archs, out_dir, progress=None, *, config=None, selection=None):
         assert archs == ["sm_90"] and out_dir != tmp_path / "k"  # a temporary directory, renamed when complete
         (out_dir / "manifest.json").write_text(json.dumps(manifest))
         return manifest

@@ -16,7 +16,8 @@ OUT/
     fp8-hf/         ModelOpt FP8 unified HF checkpoint (only when the config asks FP8 of a bf16 HF checkpoint)
     deploy/         deploy checkpoint (folded, fused; FP8 weights and scales when quantized)
     onnx/           ONNX graph of one engine step (plugin nodes, FP8 Q/DQ, external weights) + export.json
-    kernels/        every plugin kernel compiled ahead of time for target.archs (PTX, cubin, resources)
+    kernels/        the engine's plugin kernels (its ops' kernels in its precision's dtypes) compiled ahead of
+                    time for target.archs (PTX, cubin, resources); a spill is an error
     engine/         model.engine + manifest.json (I/O contract, profile, build config, versions, the builder's
                     account of the engine's layers) + config.json
 Each stage directory is written atomically: a failure leaves the finished ones and nothing half written.
@@ -40,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trtfalcon import __version__
 from trtfalcon.checkpoint.safetensors_io import atomic_output_dir
@@ -48,6 +49,9 @@ from trtfalcon.config import FalconH1Config
 from trtfalcon.engine.config import FP8_MIN_CC, BuildConfig, GiB, MemoryPlan, check_fits, load_build_config, optimization_profile
 from trtfalcon.errors import CheckpointError, ConfigError, MissingDependencyError, TrtFalconError
 from trtfalcon.tensorrt_import import GPU_HINT, TENSORRT, TENSORRT_RTX, import_tensorrt
+
+if TYPE_CHECKING:  # plugins/ is imported lazily (it imports torch and triton)
+    from trtfalcon.plugins.aot import KernelSelection
 
 ENGINE_FILE = "model.engine"
 ENGINE_MANIFEST = "manifest.json"
@@ -428,8 +432,11 @@ def run_build(
             elif stage == "kernels":
                 from trtfalcon.plugins.aot import compile_kernels
 
-                manifest = compile_kernels(list(bc.target.archs), target, config=cfg, overwrite=True)
-                info = {"archs": list(bc.target.archs), "kernels": len(manifest["kernels"])}
+                manifest = compile_kernels(list(bc.target.archs), target, config=cfg,
+                                           selection=engine_kernel_selection(bc), overwrite=True)
+                info = {"archs": list(bc.target.archs), "kernels": len(manifest["kernels"]),
+                        "selection": manifest["selection"],
+                        "configurations": [f"{r['arch']} {r['plugin']} {r['config']}" for r in manifest["kernels"]]}
             else:
                 try:
                     build_tensorrt_engine(bc, out / STAGE_DIRS["export"], target, plan=plan, overwrite=True,
@@ -458,6 +465,16 @@ def run_build(
         save()
         log(f"{stage}: wrote {target} ({record['stages'][stage]['seconds']} s)")
     return result
+
+
+def engine_kernel_selection(bc: BuildConfig) -> KernelSelection:
+    """The kernel configurations the config's engine runs (plugins/aot.py KernelSelection.for_engine): its ops'
+    kernels in its precision's dtypes, what the kernels stage compiles and checks, so that a configuration the engine
+    never uses (another KV cache dtype, the torch executor's decode kernels) cannot stop its build."""
+    from trtfalcon.plugins.aot import KernelSelection
+
+    p = bc.precision
+    return KernelSelection.for_engine(p.compute, p.kv_cache, p.ssm_state, p.conv_state)
 
 
 def _check_supported(bc: BuildConfig) -> None:
