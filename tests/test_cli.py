@@ -90,6 +90,9 @@ def test_bad_prompts_file_names_the_line(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt_ids": [1]}\n{"prompt_ids": [1, 2\n')
     assert f"{f}:2: not valid JSON" in run("generate", hf, "--prompts-file", f, ok=False).output
+    f.write_bytes(b'{"prompt_ids": [1]}\n\xff\xfe\n')  # a binary file: one line naming it, not a traceback
+    out = run("generate", hf, "--prompts-file", f, ok=False).output
+    assert f"{f}: not UTF-8 (invalid byte at offset 20)" in out and "Traceback" not in out
 
 
 def test_convert_errors_are_one_line(tmp_path):

@@ -34,6 +34,7 @@ if DRY_RUN:
 import kernel_roofline  # noqa: E402
 
 from trtfalcon.config import FalconH1Config, preset  # noqa: E402
+from trtfalcon.dtypes import lookup  # noqa: E402
 from trtfalcon.plugins.ops import get_ops  # noqa: E402
 
 L2_BYTES = 60e6  # H200 (KINDS.md)
@@ -118,7 +119,7 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     args = ap.parse_args()
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = lookup(args.dtype).torch
     if args.dry_run:
         cfg, scenarios, device = preset("tiny"), DRY_SCENARIOS, torch.device("cpu")
     else:

@@ -14,7 +14,9 @@ from trtfalcon.model.layers import FalconH1Model
 from trtfalcon.model.weights import DeployWeights, load_weights
 from trtfalcon.plugins.ops import get_ops
 from trtfalcon.checkpoint.deploy_fp8 import FP8_MAX, QUANTIZED_LINEARS, quantize_fp8
-from trtfalcon.runtime.contract import StepBatch
+from trtfalcon.runtime.contract import CacheSpec, StepBatch
+from trtfalcon.runtime.llm import LLMEngine
+from trtfalcon.runtime.request import Request, SamplingParams
 
 BLOCK_SIZE, NUM_BLOCKS, NUM_SLOTS = 4, 24, 4
 
@@ -44,6 +46,24 @@ def scenario(vocab: int, seed: int = 0) -> list[tuple[str, StepBatch]]:
     ]
 
 
+GREEDY_PROMPTS = [[5, 17, 200, 3], list(range(30, 43)), [9]]
+
+
+def greedy_tokens(executor, prompts=GREEDY_PROMPTS, max_new_tokens: int = 6) -> list[list[int]]:
+    """Each prompt's greedy tokens (max_new_tokens, EOS ignored), generated in flight on `executor`: three at a
+    time in steps of at most 8 tokens, so that prefill is chunked and sequences join and leave."""
+    engine = LLMEngine(executor, max_batch_size=3, max_num_tokens=8, max_seq_len=32)
+    outs = engine.generate([Request(str(i), p, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
+                            for i, p in enumerate(prompts)])
+    return [o.token_ids for o in outs]
+
+
+def zero_pools(cfg) -> dict[str, torch.Tensor]:
+    """fp32 cache pools of NUM_BLOCKS blocks and NUM_SLOTS state slots, zeroed: what a calibration prefill runs on."""
+    return CacheSpec.for_model(cfg, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, num_slots=NUM_SLOTS,
+                               kv_dtype=torch.float32, conv_dtype=torch.float32, ssm_dtype=torch.float32).allocate()
+
+
 def calibrate_input_amax(weights: DeployWeights, batch: StepBatch) -> dict[str, float]:
     """max |x| of each linear's input over one prefill (ModelOpt's "max" calibration, done by hand)."""
     amax: dict[str, float] = {}
@@ -55,13 +75,7 @@ def calibrate_input_amax(weights: DeployWeights, batch: StepBatch) -> dict[str, 
 
     layers.linear = recording
     try:
-        cfg = weights.config
-        pools = {}
-        for i in range(cfg.num_hidden_layers):
-            pools[f"kv_cache.{i}"] = torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim)
-            pools[f"conv_state.{i}"] = torch.zeros(NUM_SLOTS, cfg.conv_dim, cfg.conv_state_len)
-            pools[f"ssm_state.{i}"] = torch.zeros(NUM_SLOTS, cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state)
-        FalconH1Model(weights, get_ops("torch")).forward(batch, pools)
+        FalconH1Model(weights, get_ops("torch")).forward(batch, zero_pools(weights.config))
     finally:
         layers.linear = original
     return amax
@@ -82,13 +96,7 @@ def calibrate_kv_amax(weights: DeployWeights, batch: StepBatch) -> dict[str, flo
             amax[name] = max(amax.get(name, 0.0), float(t.abs().max()))
         return ops.paged_attention(q, k, v, *args, **kwargs)
 
-    cfg = weights.config
-    pools = {}
-    for i in range(cfg.num_hidden_layers):
-        pools[f"kv_cache.{i}"] = torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim)
-        pools[f"conv_state.{i}"] = torch.zeros(NUM_SLOTS, cfg.conv_dim, cfg.conv_state_len)
-        pools[f"ssm_state.{i}"] = torch.zeros(NUM_SLOTS, cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state)
-    FalconH1Model(weights, dataclasses.replace(ops, paged_attention=recording)).forward(batch, pools)
+    FalconH1Model(weights, dataclasses.replace(ops, paged_attention=recording)).forward(batch, zero_pools(weights.config))
     return amax
 
 

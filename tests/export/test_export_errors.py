@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from trtfalcon.checkpoint.convert import convert_checkpoint
 from trtfalcon.errors import CheckpointError, ConfigError
 from trtfalcon.export import MODEL_FILE, export_onnx, read_manifest
-from trtfalcon.export.source import DeploySource
+from trtfalcon.checkpoint.deploy_reader import DeployCheckpoint
 from trtfalcon.runtime.backends import RuntimeOptions, create_executor
 from trtfalcon.runtime.executors.onnxruntime import OnnxRuntimeExecutor
 from export_helpers import make_fp8_deploy
@@ -92,7 +92,7 @@ def test_unwritable_output(deploy_checkpoints, tmp_path):
 
 def test_failure_part_way_leaves_nothing(deploy_checkpoints, tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = DeploySource.chunks
+    original = DeployCheckpoint.chunks
 
     def failing(self, name, dtype, budget=64 * 2**20):
         calls["n"] += 1
@@ -100,7 +100,7 @@ def test_failure_part_way_leaves_nothing(deploy_checkpoints, tmp_path, monkeypat
             raise OSError(28, "No space left on device")
         yield from original(self, name, dtype, budget)
 
-    monkeypatch.setattr(DeploySource, "chunks", failing)
+    monkeypatch.setattr(DeployCheckpoint, "chunks", failing)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="No space left"):
         export_onnx(deploy_checkpoints("base"), out)

@@ -11,9 +11,7 @@ from trtfalcon.model.weights import load_weights
 from trtfalcon.checkpoint.deploy_fp8 import QUANTIZED_LINEARS
 from trtfalcon.runtime.executors.onnxruntime import OnnxRuntimeExecutor
 from trtfalcon.runtime.executors.torch import TorchExecutor
-from trtfalcon.runtime.llm import LLMEngine
-from trtfalcon.runtime.request import Request, SamplingParams
-from export_helpers import BLOCK_SIZE, NUM_BLOCKS, NUM_SLOTS, make_fp8_deploy, scenario
+from export_helpers import BLOCK_SIZE, NUM_BLOCKS, NUM_SLOTS, greedy_tokens, make_fp8_deploy, scenario
 
 SIZES = dict(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, num_slots=NUM_SLOTS)
 
@@ -54,15 +52,8 @@ def test_qdq_graph_matches_fake_quantized_torch(fp8, onnx_exports, deploy_checkp
 
 def test_fp8_greedy_tokens_identical(fp8):
     _, weights, export = fp8
-    prompts = [[5, 17, 200, 3], list(range(30, 43)), [9]]
-    tokens = []
-    for ex in (TorchExecutor(weights, num_blocks=30, block_size=4, num_slots=3),
-               OnnxRuntimeExecutor(export, num_blocks=30, block_size=4, num_slots=3)):
-        engine = LLMEngine(ex, max_batch_size=3, max_num_tokens=8, max_seq_len=32)
-        outs = engine.generate([Request(str(i), p, SamplingParams(max_new_tokens=6, ignore_eos=True))
-                                for i, p in enumerate(prompts)])
-        tokens.append([o.token_ids for o in outs])
-    assert tokens[0] == tokens[1]
+    sizes = dict(num_blocks=30, block_size=4, num_slots=3)
+    assert greedy_tokens(TorchExecutor(weights, **sizes)) == greedy_tokens(OnnxRuntimeExecutor(export, **sizes))
 
 
 def test_only_the_quantized_linears_get_qdq(fp8):

@@ -11,7 +11,7 @@ from onnx import AttributeProto, TensorProto
 
 from trtfalcon.export import DATA_FILE, MANIFEST_FILE, MODEL_FILE
 from trtfalcon.export.onnx import plugin_node_attrs
-from trtfalcon.export.source import open_deploy_checkpoint
+from trtfalcon.checkpoint.deploy_reader import open_deploy_checkpoint
 from trtfalcon.plugins.spec import DOMAIN, OPS
 from trtfalcon.runtime.contract import STEP_INPUTS, STEP_OUTPUTS, CacheSpec, cache_names, cache_output_name
 from trtfalcon.runtime.executors.onnxruntime import PluginKernel, ref_arguments

@@ -23,7 +23,7 @@ from trtfalcon.runtime.executors.onnxruntime import OnnxRuntimeExecutor
 from trtfalcon.runtime.executors.torch import TorchExecutor
 from trtfalcon.runtime.llm import LLMEngine
 from trtfalcon.runtime.request import Request, SamplingParams
-from export_helpers import BLOCK_SIZE, NUM_BLOCKS, NUM_SLOTS, make_fp8_deploy, scenario
+from export_helpers import BLOCK_SIZE, NUM_BLOCKS, NUM_SLOTS, greedy_tokens, make_fp8_deploy, scenario
 
 SIZES = dict(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, num_slots=NUM_SLOTS)
 FP8 = torch.float8_e4m3fn
@@ -160,17 +160,13 @@ def test_fp8_kv_graph_matches_torch_executor(fp8kv):
 
 def test_fp8_kv_greedy_tokens_identical_in_onnxruntime(fp8kv):
     deploy, _, export = fp8kv
-    prompts = [[5, 17, 200, 3], list(range(30, 43)), [9]]
     tokens = []
     opts = RuntimeOptions(max_batch_size=3, max_num_tokens=8, max_seq_len=32, block_size=4, num_blocks=30,
                           kv_dtype="fp8")
     for backend, path in (("torch", deploy), ("onnxruntime", export)):
         ex, _ = create_executor(backend, path, opts)
         assert ex.cache_spec.kv_dtype == FP8
-        engine = LLMEngine(ex, max_batch_size=3, max_num_tokens=8, max_seq_len=32)
-        outs = engine.generate([Request(str(i), p, SamplingParams(max_new_tokens=6, ignore_eos=True))
-                                for i, p in enumerate(prompts)])
-        tokens.append([o.token_ids for o in outs])
+        tokens.append(greedy_tokens(ex))
     assert tokens[0] == tokens[1]
 
 

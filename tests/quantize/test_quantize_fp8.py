@@ -222,7 +222,8 @@ def test_missing_kv_scale_and_deploy_input_scale(fp8_kv_hf, fp8_hf, tmp_path):
     dep = convert_checkpoint(fp8_hf, tmp_path / "dep", dtype="fp32")
     t = {k: v for k, v in _read(dep).items() if k != "layers.0.mlp.down_proj.input_scale"}
     save_file(t, dep / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"'layers\.0\.mlp\.down_proj\.input_scale' is missing"):
+    with pytest.raises(CheckpointError, match=r"FP8 linear 'layers\.0\.mlp\.down_proj' has no "
+                                              r"'layers\.0\.mlp\.down_proj\.input_scale'"):
         load_weights(dep)
 
 

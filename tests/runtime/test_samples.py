@@ -7,6 +7,7 @@ whatever the pools force (fork shortage, preemption of forked samples, cancellat
 
 from __future__ import annotations
 
+import functools
 import random
 
 import numpy as np
@@ -14,13 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from runtime_toy import assert_output_matches, check_step_invariants, toy_greedy, toy_logits, toy_next_token
-from test_scheduler import CheckedToy
+from test_scheduler import VOCAB, CheckedToy, make_engine as make_checked_engine
 
 from trtfalcon.runtime.llm import LLMEngine
 from trtfalcon.runtime.request import Request, SamplingParams
 from trtfalcon.runtime.sampler import Sampler
-
-VOCAB = 40
 
 
 class ForkChecked(CheckedToy):
@@ -60,12 +59,7 @@ class ForkChecked(CheckedToy):
         super().copy_blocks(pairs)
 
 
-def make_engine(num_blocks, block_size, num_slots, max_batch_size, max_num_tokens, max_seq_len=48, **kw):
-    ex = ForkChecked(VOCAB, num_blocks, block_size, num_slots)
-    eng = LLMEngine(ex, max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
-                    watermark=0.0, **kw)
-    ex.engine = eng
-    return eng, ex
+make_engine = functools.partial(make_checked_engine, executor=ForkChecked)
 
 
 def toy_run(prompt, params: SamplingParams, seed: int | None, stops=frozenset()) -> list[int]:

@@ -62,8 +62,10 @@ class CheckedToy(ToyExecutor):
         return super().execute(batch)
 
 
-def make_engine(num_blocks, block_size, num_slots, max_batch_size, max_num_tokens, max_seq_len=48, **kw):
-    ex = CheckedToy(VOCAB, num_blocks, block_size, num_slots)
+def make_engine(num_blocks, block_size, num_slots, max_batch_size, max_num_tokens, max_seq_len=48,
+                executor=CheckedToy, **kw):
+    """An engine on a checked toy executor (CheckedToy or a subclass), which sees the engine to check its steps."""
+    ex = executor(VOCAB, num_blocks, block_size, num_slots)
     eng = LLMEngine(ex, max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
                     watermark=0.0, **kw)
     ex.engine = eng

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trtfalcon.errors import RequestError
-from trtfalcon.runtime.prompts import iter_jsonl_objects
+from trtfalcon.jsonl import is_token_ids, iter_jsonl_objects
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def load_jsonl(path: Path) -> list[BenchRequest]:
     for where, obj in iter_jsonl_objects(path):
         ids = obj.get("input_ids", obj.get("prompt_ids"))
         n_out = obj.get("output_tokens")
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        if not is_token_ids(ids):
             raise RequestError(f'{where}: expected "input_ids": a list of token ids')
         if isinstance(n_out, bool) or not isinstance(n_out, int) or n_out < 1:
             raise RequestError(f'{where}: expected "output_tokens": a positive integer, found {n_out!r}')

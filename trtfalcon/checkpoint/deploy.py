@@ -23,7 +23,8 @@ deploy_sources is this table; every fold runs in fp32 on row chunks (fold_rows),
 
 A DeployPlan is a deploy checkpoint before any tensor is computed: what each source format's planner returns
 (dense.py for bf16/fp16/fp32 HF checkpoints, fp8.py for ModelOpt FP8 ones; convert.py chooses), and what the one
-writer (convert.convert_checkpoint) and the one in-memory loader (DeployPlan.tensors) take.
+writer (convert.convert_checkpoint) and the one in-memory loader (DeployPlan.tensors) take. A deploy checkpoint on
+disk is read back, validated, by the one reader (deploy_reader.py).
 """
 
 from __future__ import annotations

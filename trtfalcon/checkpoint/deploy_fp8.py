@@ -74,6 +74,11 @@ def quantization_meta(kv_cache_fp8: bool, exclude_modules: list[str] | tuple[str
             "exclude_modules": sorted(exclude_modules)}
 
 
+def kv_cache_fp8(quantization: dict | None) -> bool:
+    """Whether a "trtfalcon.quantization" object (or None) declares an FP8 KV cache (and so the k/v scales)."""
+    return (quantization or {}).get("kv_cache_quant_algo") == "FP8"
+
+
 def quantized_linears(num_layers: int, quantization: dict, source: str = "config.json") -> list[str]:
     """Deploy names ("layers.{i}.attn.qkv_proj") of the FP8 linears a quantization object describes."""
     algo = quantization.get("quant_algo")
@@ -105,7 +110,7 @@ def fp8_tensor_specs(
         specs[f"{name}.weight"] = (weight_shapes[f"{name}.weight"], FP8_DTYPE)
         specs[f"{name}.weight_scale"] = ((rows,), torch.float32)
         specs[f"{name}.input_scale"] = ((), torch.float32)
-    if quantization.get("kv_cache_quant_algo") == "FP8":
+    if kv_cache_fp8(quantization):
         for i in range(num_layers):
             for leaf in KV_SCALES:
                 specs[f"layers.{i}.{leaf}"] = ((), torch.float32)

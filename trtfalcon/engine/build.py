@@ -330,11 +330,11 @@ def _fingerprint(bc: BuildConfig, checkpoint: Path) -> str:
 
 def _checkpoint_kind(checkpoint: Path) -> str:
     from trtfalcon.checkpoint.deploy import is_deploy_checkpoint
+    from trtfalcon.checkpoint.deploy_reader import read_deploy_config
     from trtfalcon.checkpoint.hf import is_quantized_hf_checkpoint
 
     if is_deploy_checkpoint(checkpoint):
-        raw = json.loads((checkpoint / "config.json").read_text())
-        return "deploy-fp8" if raw["trtfalcon"].get("quantization") else "deploy"
+        return "deploy-fp8" if read_deploy_config(checkpoint)["trtfalcon"].get("quantization") else "deploy"
     if is_quantized_hf_checkpoint(checkpoint):
         return "hf-fp8"
     return "hf"
@@ -343,8 +343,10 @@ def _checkpoint_kind(checkpoint: Path) -> str:
 def _has_kv_scales(kind: str, checkpoint: Path) -> bool:
     """Whether an FP8 checkpoint declares an FP8 KV cache (and so, once validated, carries the k/v scales)."""
     if kind == "deploy-fp8":
-        raw = json.loads((checkpoint / "config.json").read_text())
-        return (raw["trtfalcon"].get("quantization") or {}).get("kv_cache_quant_algo") == "FP8"
+        from trtfalcon.checkpoint.deploy_fp8 import kv_cache_fp8
+        from trtfalcon.checkpoint.deploy_reader import read_deploy_config
+
+        return kv_cache_fp8(read_deploy_config(checkpoint)["trtfalcon"].get("quantization"))
     from trtfalcon.checkpoint.fp8 import read_fp8_quant_config
 
     return read_fp8_quant_config(checkpoint).kv_cache_fp8

@@ -50,6 +50,13 @@ GPUS: dict[str, dict[str, Any]] = {
 FP8_MIN_CC = 89  # FP8 tensor cores: Ada (sm_89) and newer; TensorRT for RTX refuses fp8 for sm_80/sm_86
 
 
+def _one_of(value: str, table: dict[str, Any]) -> str:
+    """A field naming an entry of a table (presets, GPUs): pydantic puts the field's path before the message."""
+    if value not in table:
+        raise ValueError(f"expected one of {', '.join(table)}")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -60,9 +67,7 @@ class ModelSection(_Strict):
     @field_validator("preset")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in PRESETS:
-            raise ValueError(f"expected one of {', '.join(PRESETS)}")
-        return v
+        return _one_of(v, PRESETS)
 
 
 class PrecisionSection(_Strict):
@@ -108,9 +113,7 @@ class TargetSection(_Strict):
     @field_validator("gpu")
     @classmethod
     def _gpu(cls, v: str) -> str:
-        if v not in GPUS:
-            raise ValueError(f"expected one of {', '.join(GPUS)}")
-        return v
+        return _one_of(v, GPUS)
 
     @model_validator(mode="before")
     @classmethod

@@ -51,12 +51,12 @@ from typing import Any
 import torch
 
 from trtfalcon import __version__
-from trtfalcon.checkpoint.deploy import copy_side_files, deploy_dtype_of, is_deploy_checkpoint
+from trtfalcon.checkpoint.deploy import copy_side_files, is_deploy_checkpoint
+from trtfalcon.checkpoint.deploy_reader import DeployCheckpoint, open_deploy_checkpoint
 from trtfalcon.checkpoint.safetensors_io import atomic_output_dir, check_output_differs, torch_dtype
 from trtfalcon.config import FalconH1Config
 from trtfalcon.dtypes import FLOAT_NAMES, KV_CACHE_NAMES, lookup
 from trtfalcon.errors import CheckpointError, ConfigError, MissingDependencyError
-from trtfalcon.export.source import DeploySource, open_deploy_checkpoint
 from trtfalcon.plugins.spec import (
     CAUSAL_CONV1D, DOMAIN, GATED_RMS_NORM, OP_VERSION, PAGED_ATTENTION, SSD, OpSpec, dtype_name,
 )
@@ -204,7 +204,7 @@ def plugin_node_attrs(op: OpSpec, attrs: dict[str, Any]) -> dict[str, Any]:
 class FalconH1Graph:
     """Emits the graph of one step from a validated deploy checkpoint: one `make_*` method per op pattern."""
 
-    def __init__(self, src: DeploySource, dtype: torch.dtype, pool_dtypes: dict[str, torch.dtype]):
+    def __init__(self, src: DeployCheckpoint, dtype: torch.dtype, pool_dtypes: dict[str, torch.dtype]):
         self.src, self.cfg, self.dtype, self.pool_dtypes = src, src.config, dtype, pool_dtypes
         self.fp8 = set(src.fp8_linears)
         self.g = GraphBuilder()
@@ -215,8 +215,7 @@ class FalconH1Graph:
         """Checkpoint tensor `name` as an external initializer, in `dtype` or by the deploy rules: FP8 weights keep
         their bytes, A_log/D/dt_bias stay fp32, everything else takes the graph's dtype (cast a chunk at a time)."""
         if dtype is None:
-            stored = self.src.dtype(name)
-            dtype = stored if stored == torch.float8_e4m3fn else deploy_dtype_of(name, self.dtype)
+            dtype = self.src.dtype_at(name, self.dtype)
         return self.g.external_tensor(name, dtype, self.src.shape(name), lambda: self.src.chunks(name, dtype))
 
     # ---- op patterns ----

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from trtfalcon.checkpoint.convert import plan_deploy
-from trtfalcon.checkpoint.deploy import deploy_dtype_of, deploy_tensor_shapes, is_deploy_checkpoint
-from trtfalcon.checkpoint.deploy_fp8 import FP8_DTYPE, dequantize_weight, fp8_tensor_specs
-from trtfalcon.checkpoint.safetensors_io import SafetensorsReader, torch_dtype
-from trtfalcon.config import DEPLOY_FORMAT_VERSION, FalconH1Config
-from trtfalcon.errors import CheckpointError
+from trtfalcon.checkpoint.deploy import is_deploy_checkpoint
+from trtfalcon.checkpoint.deploy_fp8 import FP8_DTYPE, dequantize_weight
+from trtfalcon.checkpoint.deploy_reader import open_deploy_checkpoint
+from trtfalcon.checkpoint.safetensors_io import torch_dtype
+from trtfalcon.config import FalconH1Config
 
 
 @dataclass
@@ -49,10 +48,12 @@ class DeployWeights:
 
 
 def load_weights(directory: str | Path, dtype: str | None = None) -> DeployWeights:
-    """A deploy checkpoint as written, or an HF checkpoint folded and fused in memory (dtype default: fp32)."""
-    directory = Path(directory)
+    """A deploy checkpoint as written (dtype default: the one it was written in; FP8 weights stay float8), or an HF
+    checkpoint folded and fused in memory (dtype default: fp32)."""
     if is_deploy_checkpoint(directory):
-        return _load_deploy(directory, dtype)
+        ckpt = open_deploy_checkpoint(directory)  # the exporter's reader: what loads here also exports
+        compute = torch_dtype(dtype or ckpt.stored_dtype)
+        return DeployWeights(ckpt.config, ckpt.tensors(compute), compute)
     return fold_hf(directory, dtype or "fp32")
 
 
@@ -61,39 +62,3 @@ def fold_hf(directory: str | Path, dtype: str = "fp32") -> DeployWeights:
     would write (the same plan; ModelOpt FP8 weights stay FP8)."""
     plan = plan_deploy(directory, dtype)
     return DeployWeights(plan.config.without_multipliers(), plan.tensors(), torch_dtype(dtype))
-
-
-def _load_deploy(directory: Path, dtype: str | None) -> DeployWeights:
-    raw = json.loads((directory / "config.json").read_text())
-    meta = raw["trtfalcon"]
-    if meta.get("version") != DEPLOY_FORMAT_VERSION:
-        raise CheckpointError(
-            f"{directory / 'config.json'}: trtfalcon.version is {meta.get('version')!r}, this trtfalcon reads "
-            f"{DEPLOY_FORMAT_VERSION}; re-run `trtfalcon convert`"
-        )
-    cfg = FalconH1Config.from_hf_dict(raw, source=str(directory / "config.json"))
-    if cfg.has_multipliers:
-        raise CheckpointError(f"{directory / 'config.json'}: a deploy checkpoint must have every multiplier at 1.0")
-    stored = str(meta.get("dtype", "bf16"))
-    tdtype = torch_dtype(dtype or stored)
-    reader = SafetensorsReader(directory)
-    reader.check_index()
-    expected = deploy_tensor_shapes(cfg)
-    # FP8 weights stay float8 and their scales fp32 (never cast to the compute dtype); checkpoint/deploy_fp8.py
-    fp8 = fp8_tensor_specs(expected, cfg.num_hidden_layers, meta.get("quantization"), str(directory / "config.json"))
-    tensors = {}
-    for name in {**expected, **fp8}:
-        shape, want = fp8.get(name) or (expected[name], deploy_dtype_of(name, tdtype))
-        if name in fp8 and name not in reader:
-            raise CheckpointError(f"{directory}: tensor '{name}' is missing (config.json declares FP8 "
-                                  f"quantization, which needs it: checkpoint/deploy_fp8.py)")
-        info = reader.info(name)
-        if info.shape != shape:
-            raise CheckpointError(f"{info.file}: tensor '{name}' has shape {list(info.shape)}, expected {list(shape)}")
-        if name in fp8 and info.dtype != want:
-            raise CheckpointError(f"{info.file}: tensor '{name}' has dtype {info.dtype}, expected {want}")
-        tensors[name] = reader.get(name).to(want)
-    extra = sorted(set(reader.tensors) - set(expected) - set(fp8))
-    if extra:
-        raise CheckpointError(f"{directory}: unexpected tensors {extra[:5]} for a deploy checkpoint of this config")
-    return DeployWeights(cfg, tensors, tdtype)

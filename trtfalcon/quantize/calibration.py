@@ -15,7 +15,6 @@ Every error names the file (and line) and what was expected; nothing is read twi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from trtfalcon.errors import ConfigError
+from trtfalcon.jsonl import is_token_ids, iter_jsonl_objects
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -101,10 +101,10 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _need_tokenizer(tokenizer, path: Path, checkpoint_dir: Path, what: str) -> None:
+def _need_tokenizer(tokenizer, where: Path | str, checkpoint_dir: Path, what: str) -> None:
     if tokenizer is None:
         raise CalibrationDataError(
-            f"{path}: {what} needs a tokenizer, but {checkpoint_dir} has none ({', '.join(TOKENIZER_FILES)}); "
+            f"{where}: {what} needs a tokenizer, but {checkpoint_dir} has none ({', '.join(TOKENIZER_FILES)}); "
             'give pre-tokenized JSONL lines {"input_ids": [...]} or copy the model\'s tokenizer files there'
         )
 
@@ -125,29 +125,17 @@ def _read_text(path: Path, tokenizer, seq_len: int, checkpoint_dir: Path) -> lis
 
 def _read_jsonl(path: Path, tokenizer, seq_len: int, checkpoint_dir: Path) -> list[list[int]]:
     out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise CalibrationDataError(f"{path}: not UTF-8 (invalid byte at offset {e.start})") from e
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CalibrationDataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        if not isinstance(rec, dict):
-            raise CalibrationDataError(f"{path}:{n}: expected a JSON object, found {type(rec).__name__}")
+    for where, rec in iter_jsonl_objects(path, CalibrationDataError):
         if "input_ids" in rec:
             ids = rec["input_ids"]
-            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise CalibrationDataError(f"{path}:{n}: 'input_ids' must be a list of integers")
+            if not is_token_ids(ids):
+                raise CalibrationDataError(f"{where}: 'input_ids' must be a list of integers")
         else:
             text = rec.get("text", rec.get("prompt"))
             if not isinstance(text, str):
-                raise CalibrationDataError(f"{path}:{n}: expected a string field 'text' (or 'prompt') or a list "
+                raise CalibrationDataError(f"{where}: expected a string field 'text' (or 'prompt') or a list "
                                            f"'input_ids', found keys {sorted(rec)}")
-            _need_tokenizer(tokenizer, path, checkpoint_dir, f"line {n} ('text')")
+            _need_tokenizer(tokenizer, where, checkpoint_dir, "'text'")
             ids = _encode(tokenizer, text)
         out.append(ids[:seq_len])
     return out

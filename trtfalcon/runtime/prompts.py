@@ -7,13 +7,11 @@ the others run. `check_servable` asks the same (runtime/servable.py) for the unb
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from trtfalcon.errors import RequestError
+from trtfalcon.jsonl import is_token_ids, iter_jsonl_objects
 from trtfalcon.runtime.servable import length_problem, prompt_problem
 
 
@@ -32,7 +30,7 @@ def parse_ids(text: str, where: str) -> list[int]:
 
 
 def parse_prompt(ids: object, max_new_tokens: object, where: str) -> Prompt:
-    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+    if not is_token_ids(ids):
         raise RequestError(f"{where}: prompt_ids: expected a list of integers, found {ids!r:.80}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise RequestError(f"{where}: max_new_tokens: expected a positive integer, found {max_new_tokens!r}")
@@ -44,21 +42,6 @@ def check_servable(p: Prompt, vocab_size: int, max_seq_len: int, where: str) -> 
                                                                          max_seq_len)
     if problem is not None:
         raise RequestError(f"{where}: {problem}")
-
-
-def iter_jsonl_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, object) for each non-blank line of a JSONL file; `where` is "file:line" for error messages."""
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RequestError(f"{where}: not valid JSON ({e.msg})") from e
-        if not isinstance(obj, dict):
-            raise RequestError(f"{where}: expected a JSON object, found {type(obj).__name__}")
-        yield where, obj
 
 
 def load_prompts(prompt_ids: str | None, prompts_file: Path | None, default_max_new_tokens: int) -> list[Prompt]:

@@ -1,14 +1,17 @@
-"""The deploy checkpoint as the exporter reads it: validated up front, then streamed one tensor (chunk) at a time.
+"""The one reader of a deploy checkpoint (deploy.py's format): validated up front, then read a tensor (or a row chunk)
+at a time. The model loader (model/weights.py) and the ONNX exporter (export/onnx.py) both open checkpoints here,
+so that nothing loads that would not export, and the other way round.
 
-Everything that can be wrong with the input is found here, before a byte is written: not a deploy checkpoint,
-wrong format version, a missing / misshapen / extra tensor, an FP8 linear without its scales, an FP8 tensor
-where FP8 is not allowed (conv1d, lm_head, norms, embeddings), FP8 KV-cache scales that are missing or misshapen.
+Everything that can be wrong with the input is found when it is opened, before a tensor is read: not a deploy
+checkpoint, wrong format version, a multiplier not folded, a stored dtype outside the vocabulary, a missing /
+misshapen / extra tensor, a tensor that is not floating point, A_log / D / dt_bias not fp32, an FP8 linear without
+its scales, an FP8 tensor where FP8 is not allowed (conv1d, lm_head, norms, embeddings), FP8 KV-cache scales that
+are missing or misshapen.
 
-FP8 follows trtfalcon/checkpoint/deploy_fp8.py, the one definition of the format: config.json's
-"trtfalcon.quantization" says which linears are FP8 (QUANTIZED_LINEARS of every layer minus exclude_modules), and
-each FP8 linear X has X.weight (float8_e4m3fn, rows x cols), X.weight_scale (fp32, (rows,)), X.input_scale (fp32, ()).
-"kv_cache_quant_algo": "FP8" adds layers.{i}.attn.k_scale / v_scale (fp32, ()), which an FP8 KV export feeds to the
-paged-attention nodes.
+FP8 follows deploy_fp8.py, the one definition of the format: config.json's "trtfalcon.quantization" says which
+linears are FP8 (QUANTIZED_LINEARS of every layer minus exclude_modules), and each FP8 linear X has X.weight
+(float8_e4m3fn, rows x cols), X.weight_scale (fp32, (rows,)), X.input_scale (fp32, ()). "kv_cache_quant_algo": "FP8"
+adds layers.{i}.attn.k_scale / v_scale (fp32, ()), which an FP8 KV cache reads.
 """
 
 from __future__ import annotations
@@ -18,25 +21,32 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from trtfalcon.checkpoint.deploy import deploy_dtype_of, deploy_tensor_shapes, is_deploy_checkpoint
-from trtfalcon.checkpoint.safetensors_io import SafetensorsReader, row_chunks, torch_dtype
+from trtfalcon.checkpoint.deploy_fp8 import (
+    FP8_DTYPE, KV_SCALES, QUANTIZED_LINEARS, fp8_tensor_specs, kv_cache_fp8, quantized_linears,
+)
+from trtfalcon.checkpoint.safetensors_io import SafetensorsReader, row_chunks
 from trtfalcon.config import DEPLOY_FORMAT_VERSION, FalconH1Config
 from trtfalcon.dtypes import FLOAT_NAMES, lookup
 from trtfalcon.errors import CheckpointError
-from trtfalcon.checkpoint.deploy_fp8 import FP8_DTYPE, QUANTIZED_LINEARS, fp8_tensor_specs, quantized_linears
 
 
 @dataclass
-class DeploySource:
+class DeployCheckpoint:
+    """A validated deploy checkpoint: its config (every multiplier 1.0), its "trtfalcon" record and its tensors."""
+
     directory: Path
     config: FalconH1Config
     raw_config: dict
     stored_dtype: str  # the deploy dtype the checkpoint was written in (bf16, fp16, fp32)
     reader: SafetensorsReader
     fp8_linears: tuple[str, ...]  # e.g. "layers.0.attn.qkv_proj", in checkpoint order
+    fp8_specs: dict[str, tuple[tuple[int, ...], torch.dtype]]  # what FP8 adds or retypes (deploy_fp8.fp8_tensor_specs)
+    names: tuple[str, ...]  # every tensor, in checkpoint order (deploy_tensor_shapes, then what FP8 adds)
 
     @property
     def is_fp8(self) -> bool:
@@ -44,14 +54,25 @@ class DeploySource:
 
     @property
     def has_kv_scales(self) -> bool:
-        """Every layer's attn.k_scale / v_scale is present (validated): an FP8 KV cache can be exported."""
-        return (self.raw_config["trtfalcon"].get("quantization") or {}).get("kv_cache_quant_algo") == "FP8"
+        """Every layer's attn.k_scale / v_scale is present (validated): an FP8 KV cache can be run or exported."""
+        return kv_cache_fp8(self.raw_config["trtfalcon"].get("quantization"))
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.reader.info(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
         return self.reader.info(name).dtype
+
+    def dtype_at(self, name: str, compute: torch.dtype) -> torch.dtype:
+        """The dtype tensor `name` takes in a model computing in `compute`: FP8 weights and their fp32 scales as
+        stored, A_log / D / dt_bias fp32, everything else `compute`."""
+        if name in self.fp8_specs:
+            return self.fp8_specs[name][1]
+        return deploy_dtype_of(name, compute)
+
+    def tensors(self, compute: torch.dtype) -> dict[str, torch.Tensor]:
+        """Every tensor in memory, each in its dtype_at(compute)."""
+        return {name: self.reader.get(name).to(self.dtype_at(name, compute)) for name in self.names}
 
     def chunks(self, name: str, dtype: torch.dtype, budget: int = 64 * 2**20) -> Iterator[torch.Tensor]:
         """Tensor `name` cast to `dtype`, in dim-0 row chunks of at most `budget` working bytes (peak memory is
@@ -65,7 +86,9 @@ class DeploySource:
             yield self.reader.get_rows(name, start, end).to(dtype)
 
 
-def open_deploy_checkpoint(directory: str | Path) -> DeploySource:
+def read_deploy_config(directory: str | Path) -> dict[str, Any]:
+    """config.json of a deploy checkpoint as written (its "trtfalcon" record: format, version, dtype, quantization,
+    ...), nothing else validated; a directory that is not a deploy checkpoint is an error saying what to run."""
     directory = Path(directory)
     cfg_path = directory / "config.json"
     if not directory.is_dir():
@@ -74,10 +97,18 @@ def open_deploy_checkpoint(directory: str | Path) -> DeploySource:
         what = ("has no config.json" if not cfg_path.is_file()
                 else 'has no "trtfalcon": {"format": "deploy"} in config.json')
         raise CheckpointError(
-            f"{directory}: not a deploy checkpoint ({what}). export reads the output of `trtfalcon convert`: run "
+            f"{directory}: not a deploy checkpoint ({what}). This reads the output of `trtfalcon convert`: run "
             f"`trtfalcon convert {directory} DEPLOY_DIR` (or `trtfalcon quantize` then convert, for FP8) first"
         )
-    raw = json.loads(cfg_path.read_text())
+    return json.loads(cfg_path.read_text())
+
+
+def open_deploy_checkpoint(directory: str | Path) -> DeployCheckpoint:
+    """The deploy checkpoint at `directory`, every tensor's header checked against its config (see the module's
+    docstring for what is refused)."""
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    raw = read_deploy_config(directory)
     meta = raw["trtfalcon"]
     if meta.get("version") != DEPLOY_FORMAT_VERSION:
         raise CheckpointError(f"{cfg_path}: trtfalcon.version is {meta.get('version')!r}, this trtfalcon reads "
@@ -86,7 +117,7 @@ def open_deploy_checkpoint(directory: str | Path) -> DeploySource:
     if cfg.has_multipliers:
         raise CheckpointError(f"{cfg_path}: a deploy checkpoint must have every multiplier at 1.0 (they are folded)")
     stored = str(meta.get("dtype", "bf16"))
-    torch_dtype(stored)  # validates the name
+    lookup(stored, among=FLOAT_NAMES, what=f"{cfg_path}: trtfalcon.dtype", error=CheckpointError)
     quant = meta.get("quantization") or {}
     reader = SafetensorsReader(directory)
     reader.check_index()
@@ -96,10 +127,10 @@ def open_deploy_checkpoint(directory: str | Path) -> DeploySource:
         if info.shape != shape:
             raise CheckpointError(f"{info.file}: tensor '{name}' has shape {list(info.shape)}, expected {list(shape)}")
 
-    # FP8: which tensors the config's quantization record adds or retypes (one list, checkpoint/deploy_fp8.py)
+    # FP8: which tensors the config's quantization record adds or retypes (one list, deploy_fp8.py)
     quant_specs = fp8_tensor_specs(expected, cfg.num_hidden_layers, quant or None, str(cfg_path))
     for name, (shape, dtype) in quant_specs.items():
-        if name not in reader and name.endswith(("attn.k_scale", "attn.v_scale")):
+        if name not in reader and name.endswith(KV_SCALES):
             raise CheckpointError(
                 f"{directory}: no tensor '{name}' (expected {dtype} of shape {list(shape)}; config.json declares an "
                 "FP8 KV cache, kv_cache_quant_algo 'FP8', which needs every layer's k_scale and v_scale); the "
@@ -136,4 +167,5 @@ def open_deploy_checkpoint(directory: str | Path) -> DeploySource:
         raise CheckpointError(f"{directory}: unexpected tensors {extra[:5]} for a deploy checkpoint of this config "
                               "(FP8 scales without FP8 in config.json, or a checkpoint of another shape)")
     fp8 = quantized_linears(cfg.num_hidden_layers, quant, str(cfg_path)) if quant else []
-    return DeploySource(directory, cfg, raw, stored, reader, tuple(fp8))
+    names = (*expected, *(name for name in quant_specs if name not in expected))
+    return DeployCheckpoint(directory, cfg, raw, stored, reader, tuple(fp8), quant_specs, names)
