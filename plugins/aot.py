@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterable
 from trtfalcon.config import FalconH1Config, preset
 from trtfalcon.errors import TrtFalconError
 from trtfalcon.plugins._triton import require_triton
-from trtfalcon.plugins.spec import DTYPES, OPS, KernelContext, KernelSpec, OpSpec
+from trtfalcon.plugins.ops import OPS
+from trtfalcon.plugins.spec import DTYPES, KernelContext, KernelSpec, OpSpec
 
 
 class AOTError(TrtFalconError):

@@ -20,6 +20,8 @@ Returns y: (num_tokens, H, P) in x's dtype (D skip included, no gating: the gate
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -335,3 +337,80 @@ def ssd_recurrent_kernel(
     n_write = tl.where(seqlen > 0, P, 0)
     tl.store(ssm_state_out_ptr + state_base + state_offs, state.to(ssm_state_out_ptr.dtype.element_ty),
              mask=smask & (offs_p < n_write)[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The declaration (plugins/spec.py): every backend's view of this op, and its tiles
+# ----------------------------------------------------------------------------------------------------------------
+from trtfalcon.plugins.spec import (  # noqa: E402
+    FLOATS, Attr, KernelContext, KernelSpec, OpSpec, OutputArg, TensorArg, cdiv, cexpr, dim, int32_input, pow2,
+)
+
+
+def ssd_kernel_chunk(chunk_size: int, d_state: int) -> int:
+    """The chunked kernel's chunk length: the model's chunk_size capped where the per-program tiles
+    (chunk x d_state for B and C, plus the state) would spill registers; at least 16 (tl.dot's minimum).
+    The scan's result does not depend on it (the chunked form equals the recurrence for any chunk length)."""
+    cap = 64 if d_state <= 64 else 16  # for d_state 256: no register spill on sm_90 in fp32 and bf16
+    return max(16, min(cap, pow2(chunk_size)))
+
+
+def _common_constexprs(c: KernelContext) -> dict[str, Any]:
+    H, P, N = c.dim("x", 1), c.dim("x", 2), c.dim("B", 2)
+    dt_max = c.attrs["dt_max"]
+    return dict(
+        H=H, P=P, G=c.dim("B", 1), N=N, HAS_D=c.present["D"], DT_MIN=float(c.attrs["dt_min"]),
+        DT_MAX=float(dt_max) if dt_max != float("inf") else 0.0, BLOCK_N=pow2(N),
+    )
+
+
+_GRID = (dim("context_lens", 0), dim("x", 1), cdiv(dim("x", 2), cexpr("BLOCK_P")))
+
+SSD = OpSpec(
+    name="ssd",
+    doc=__doc__ or "",
+    inputs=(
+        TensorArg("x", ("num_tokens", "H", "P"), FLOATS),
+        TensorArg("dt", ("num_tokens", "H"), FLOATS),
+        TensorArg("A", ("H",), ("float32",)),
+        TensorArg("B", ("num_tokens", "G", "N"), FLOATS),
+        TensorArg("C", ("num_tokens", "G", "N"), FLOATS),
+        TensorArg("D", ("H",), ("float32",), optional=True, fill=0.0),
+        TensorArg("dt_bias", ("H",), ("float32",)),
+        TensorArg("ssm_state", ("num_slots", "H", "P", "N"), ("float32", "bfloat16")),
+        int32_input("cu_seqlens", ("num_seqs+1",)), int32_input("context_lens", ("num_seqs",)),
+        int32_input("state_slots", ("num_seqs",)),
+    ),
+    outputs=(OutputArg("y", like="x"), OutputArg("ssm_state_out", like="ssm_state", alias="ssm_state")),
+    attributes=(
+        Attr("chunk_size", int, 256, "the model's chunk length; the kernel's chunk is ssd_kernel_chunk() of it"),
+        Attr("dt_min", float, 0.0, "time_step_limit[0]", param="dt_limit", index=0),
+        Attr("dt_max", float, float("inf"), "time_step_limit[1]; inf = no upper clamp", param="dt_limit", index=1),
+    ),
+    ref=ssd_varlen_ref,
+    kernels=(
+        KernelSpec(
+            name="chunked",
+            fn=ssd_chunked_kernel,
+            grid=_GRID,
+            constexprs=lambda c: dict(
+                _common_constexprs(c), BLOCK_T=ssd_kernel_chunk(c.attrs["chunk_size"], c.dim("B", 2)),
+                BLOCK_P=min(16 if c.dim("B", 2) > 64 else 32, pow2(c.dim("x", 2))),
+            ),
+            num_warps=lambda k: 8 if k["BLOCK_N"] >= 128 else 4,
+            num_stages=1,  # software pipelining would double the live B/C/x tiles and spill
+            doc="any batch (prefill chunks, decode tokens, mixed)",
+        ),
+        KernelSpec(
+            name="recurrent",
+            fn=ssd_recurrent_kernel,
+            grid=_GRID,
+            constexprs=lambda c: dict(_common_constexprs(c), BLOCK_P=min(16, pow2(c.dim("x", 2)))),
+            num_warps=lambda k: 4,
+            doc="any batch, token by token; chosen when num_tokens == num_seqs (decode)",
+        ),
+    ),
+    # num_tokens == num_seqs: every sequence has one token in a decode step (the recurrent kernel is correct
+    # for any batch, so an odd batch with the same counts is still computed right).
+    select=lambda s: "recurrent" if s["x"][0] == s["context_lens"][0] else "chunked",
+)

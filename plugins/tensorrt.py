@@ -17,7 +17,8 @@ import inspect
 from typing import Any, Tuple
 
 from trtfalcon.errors import MissingDependencyError
-from trtfalcon.plugins.spec import DOMAIN, OPS, KernelSpec, OpSpec
+from trtfalcon.plugins.ops import OPS
+from trtfalcon.plugins.spec import DOMAIN, KernelSpec, OpSpec
 
 # TensorRT dtype attribute names per spec dtype name (resolved against the installed tensorrt module).
 _TRT_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int32": "int32",

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from trtfalcon.plugins._triton import tl, to_fp8e4m3, triton
-from trtfalcon.plugins.attention import paged_attention_ref
+from trtfalcon.plugins.attention import PAGED_ATTENTION, paged_attention_ref
 from trtfalcon.plugins.ops import get_ops
-from trtfalcon.plugins.spec import PAGED_ATTENTION, launch
+from trtfalcon.plugins.spec import launch
 
 from plugin_helpers import TOL, ragged
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from trtfalcon.plugins.ops import get_ops
-from trtfalcon.plugins.ssd import dt_transform, ssd_chunked_ref, ssd_recurrent_ref, ssd_varlen_ref
+from trtfalcon.plugins.ssd import SSD, dt_transform, ssd_chunked_ref, ssd_recurrent_ref, ssd_varlen_ref
 
 from plugin_helpers import TOL, ragged
 
@@ -32,7 +32,7 @@ def run_both(kernel, inputs, cu, ctx, slots, chunk_size, dt_limit):
     x, dt, A, B, C, D, dt_bias, state = inputs
     s_ref, s_tri = state.clone(), state.clone()
     y_ref = ssd_varlen_ref(x, dt, A, B, C, D, dt_bias, s_ref, cu, ctx, slots, chunk_size, dt_limit)
-    from trtfalcon.plugins.spec import SSD, launch
+    from trtfalcon.plugins.spec import launch
 
     y_tri = launch(SSD, x, dt, A, B, C, D, dt_bias, s_tri, cu, ctx, slots, chunk_size, dt_limit, kernel=kernel)
     return y_ref, y_tri, s_ref, s_tri
@@ -84,7 +84,7 @@ def test_ssd_7b_shapes_against_loop(kernel):
     x, dt, A, B, C, D, dt_bias, state = make_inputs(sum(lens), H, P, G, N, torch.bfloat16, num_slots=2)
     cu, ctx_t, slots_t = ragged(lens, ctx, slots)
     s_tri = state.clone()
-    from trtfalcon.plugins.spec import SSD, launch
+    from trtfalcon.plugins.spec import launch
 
     y_tri = launch(SSD, x, dt, A, B, C, D, dt_bias, s_tri, cu, ctx_t, slots_t, 256, kernel=kernel)
     dtt = dt_transform(dt, dt_bias, (0.0, float("inf")))

@@ -56,9 +56,8 @@ from trtfalcon.checkpoint.safetensors_io import atomic_output_dir, torch_dtype
 from trtfalcon.config import FalconH1Config
 from trtfalcon.errors import CheckpointError, ConfigError, MissingDependencyError
 from trtfalcon.export.source import DeploySource, open_deploy_checkpoint
-from trtfalcon.plugins.spec import (
-    CAUSAL_CONV1D, DOMAIN, DTYPES, GATED_RMS_NORM, OP_VERSION, PAGED_ATTENTION, SSD, OpSpec, dtype_name,
-)
+from trtfalcon.plugins.ops import CAUSAL_CONV1D, GATED_RMS_NORM, PAGED_ATTENTION, SSD
+from trtfalcon.plugins.spec import DOMAIN, DTYPES, OP_VERSION, OpSpec, dtype_name
 from trtfalcon.runtime.contract import STEP_INPUTS, STEP_OUTPUTS, cache_names, cache_output_name
 
 try:
