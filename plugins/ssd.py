@@ -169,6 +169,56 @@ def _dt_transform(dt_raw, dt_bias, DT_MIN: tl.constexpr, DT_MAX: tl.constexpr):
 
 
 @triton.jit
+def _program_prologue(A_ptr, D_ptr, dt_bias_ptr, ssm_state_ptr, cu_seqlens_ptr, context_lens_ptr, state_slots_ptr,
+                      H: tl.constexpr, P: tl.constexpr, G: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What both SSD kernels do first: program (sequence b, head h, channel block pb) -> its group, token range,
+    per-head A / dt_bias / D, and the state tile (BLOCK_P, BLOCK_N) read from the sequence's slot in fp32.
+
+    Returns (h, g, start, seqlen, offs_p, offs_n, pmask, nmask, A, dt_bias, Dh, state_base, state_offs, smask,
+    state); Dh is 0 when HAS_D is False (never read then)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    pb = tl.program_id(2)
+    g = h // (H // G)  # repeat_interleave order: consecutive heads share a group
+    start = tl.load(cu_seqlens_ptr + b)
+    seqlen = tl.load(cu_seqlens_ptr + b + 1) - start
+    ctx = tl.load(context_lens_ptr + b)
+    slot = tl.load(state_slots_ptr + b).to(tl.int64)
+
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    pmask = offs_p < P
+    nmask = offs_n < N
+    A = tl.load(A_ptr + h).to(tl.float32)
+    dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
+    if HAS_D:
+        Dh = tl.load(D_ptr + h).to(tl.float32)
+    else:
+        Dh = 0.0
+
+    # 64-bit scalar bases, 32-bit vector offsets (num_tokens * H * P < 2**31): half the address registers.
+    state_base = (slot * H + h) * P * N
+    state_offs = offs_p[:, None] * N + offs_n[None, :]
+    smask = pmask[:, None] & nmask[None, :]
+    p_lo = tl.where(ctx > 0, 0, P)  # context_len 0: a zero initial state whatever the slot holds
+    state = tl.load(ssm_state_ptr + state_base + state_offs, mask=smask & (offs_p >= p_lo)[:, None],
+                    other=0.0).to(tl.float32)
+    return (h, g, start, seqlen, offs_p, offs_n, pmask, nmask, A, dt_bias, Dh, state_base, state_offs, smask,
+            state)
+
+
+@triton.jit
+def _store_state(ssm_state_out_ptr, state, state_base, state_offs, smask, offs_p, seqlen, P: tl.constexpr):
+    """Write the final state back to the slot it was read from (in place: after a barrier, so every read of the
+    old state in this program is done); an empty sequence leaves its slot untouched, as the reference does."""
+    tl.debug_barrier()
+    n_write = tl.where(seqlen > 0, P, 0)
+    tl.store(ssm_state_out_ptr + state_base + state_offs, state.to(ssm_state_out_ptr.dtype.element_ty),
+             mask=smask & (offs_p < n_write)[:, None])
+
+
+@triton.jit
 def ssd_chunked_kernel(
     # inputs (the spec's order)
     x_ptr,  # (num_tokens, H, P)
@@ -210,30 +260,9 @@ def ssd_chunked_kernel(
     num_seqs x H x P/BLOCK_P programs (48 per sequence for the 7B), enough for batched prefill, thin for one
     long prompt. The chunk length is a tiling choice: the result equals the recurrence for any chunk length.
     """
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    pb = tl.program_id(2)
-    g = h // (H // G)  # repeat_interleave order: consecutive heads share a group
-    start = tl.load(cu_seqlens_ptr + b)
-    seqlen = tl.load(cu_seqlens_ptr + b + 1) - start
-    ctx = tl.load(context_lens_ptr + b)
-    slot = tl.load(state_slots_ptr + b).to(tl.int64)
-
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    pmask = offs_p < P
-    nmask = offs_n < N
-    A = tl.load(A_ptr + h).to(tl.float32)
-    dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
-    if HAS_D:
-        Dh = tl.load(D_ptr + h).to(tl.float32)
-
-    # 64-bit scalar bases, 32-bit vector offsets (num_tokens * H * P < 2**31): half the address registers.
-    state_base = (slot * H + h) * P * N
-    state_offs = offs_p[:, None] * N + offs_n[None, :]
-    smask = pmask[:, None] & nmask[None, :]
-    p_lo = tl.where(ctx > 0, 0, P)  # context_len 0: a zero initial state whatever the slot holds
-    state = tl.load(ssm_state_ptr + state_base + state_offs, mask=smask & (offs_p >= p_lo)[:, None], other=0.0).to(tl.float32)
+    (h, g, start, seqlen, offs_p, offs_n, pmask, nmask, A, dt_bias, Dh, state_base, state_offs, smask,
+     state) = _program_prologue(A_ptr, D_ptr, dt_bias_ptr, ssm_state_ptr, cu_seqlens_ptr, context_lens_ptr,
+                                state_slots_ptr, H, P, G, N, HAS_D, BLOCK_P, BLOCK_N)
     x_base = x_ptr + start.to(tl.int64) * H * P + h * P
     y_base = y_ptr + start.to(tl.int64) * H * P + h * P
     B_base = B_ptr + start.to(tl.int64) * G * N + g * N
@@ -269,10 +298,7 @@ def ssd_chunked_kernel(
         decay = tl.exp(a_last - a_cum)  # (T,)
         state = state * tl.exp(a_last) + tl.dot(tl.trans(xdt * decay[:, None]), Bm.to(tl.float32))  # (P, N)
 
-    tl.debug_barrier()  # the old state was read above; now overwrite it in place
-    n_write = tl.where(seqlen > 0, P, 0)  # an empty sequence leaves its slot untouched
-    tl.store(ssm_state_out_ptr + state_base + state_offs, state.to(ssm_state_out_ptr.dtype.element_ty),
-             mask=smask & (offs_p < n_write)[:, None])
+    _store_state(ssm_state_out_ptr, state, state_base, state_offs, smask, offs_p, seqlen, P)
 
 
 @triton.jit
@@ -297,29 +323,9 @@ def ssd_recurrent_kernel(
     of the state (the whole cost: 3 MiB fp32 per sequence per layer for the 7B) with dt transform, D skip and
     the slot gather/scatter fused, and num_seqs x H x P/BLOCK_P programs to spread that traffic over the GPU.
     """
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    pb = tl.program_id(2)
-    g = h // (H // G)
-    start = tl.load(cu_seqlens_ptr + b)
-    seqlen = tl.load(cu_seqlens_ptr + b + 1) - start
-    ctx = tl.load(context_lens_ptr + b)
-    slot = tl.load(state_slots_ptr + b).to(tl.int64)
-
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    pmask = offs_p < P
-    nmask = offs_n < N
-    A = tl.load(A_ptr + h).to(tl.float32)
-    dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
-    if HAS_D:
-        Dh = tl.load(D_ptr + h).to(tl.float32)
-
-    state_base = (slot * H + h) * P * N
-    state_offs = offs_p[:, None] * N + offs_n[None, :]
-    smask = pmask[:, None] & nmask[None, :]
-    p_lo = tl.where(ctx > 0, 0, P)
-    state = tl.load(ssm_state_ptr + state_base + state_offs, mask=smask & (offs_p >= p_lo)[:, None], other=0.0).to(tl.float32)
+    (h, g, start, seqlen, offs_p, offs_n, pmask, nmask, A, dt_bias, Dh, state_base, state_offs, smask,
+     state) = _program_prologue(A_ptr, D_ptr, dt_bias_ptr, ssm_state_ptr, cu_seqlens_ptr, context_lens_ptr,
+                                state_slots_ptr, H, P, G, N, HAS_D, BLOCK_P, BLOCK_N)
 
     for i in range(0, seqlen):
         tok = (start + i).to(tl.int64)
@@ -333,10 +339,7 @@ def ssd_recurrent_kernel(
             y += Dh * x
         tl.store(y_ptr + (tok * H + h) * P + offs_p, y.to(y_ptr.dtype.element_ty), mask=pmask)
 
-    tl.debug_barrier()
-    n_write = tl.where(seqlen > 0, P, 0)
-    tl.store(ssm_state_out_ptr + state_base + state_offs, state.to(ssm_state_out_ptr.dtype.element_ty),
-             mask=smask & (offs_p < n_write)[:, None])
+    _store_state(ssm_state_out_ptr, state, state_base, state_offs, smask, offs_p, seqlen, P)
 
 
 # ----------------------------------------------------------------------------------------------------------------
