@@ -16,6 +16,21 @@ Layouts (the engine I/O contract, trtfalcon/runtime/contract.py):
     ssm_state:    (num_slots, H, P, N)  fp32 or bf16; updated in place for the slots in the batch
     cu_seqlens:   (num_seqs+1,) int32; context_lens, state_slots: (num_seqs,) int32 (context_len 0 = zero state)
 Returns y: (num_tokens, H, P) in x's dtype (D skip included, no gating: the gated RMSNorm follows).
+
+Where the one-token (decode) path deliberately differs from an anchor: this project clamps dt into
+time_step_limit on every path, the one-token step included, as transformers' torch_forward did in its decode
+branch (4.x) and as every chunked scan does (transformers' and mamba_ssm's mamba_chunk_scan_combined take
+dt_limit). mamba_ssm's fused selective_state_update takes no dt_limit and does not clamp; transformers 5.x's
+cached decode (mamba2_selective_state_update: that kernel or its torch fallback) follows it, so there a cached
+decode step differs from the full-sequence forward whenever the limit bites (measured with transformers 5.23,
+limit (0.02, 0.08): the layer's Mamba output off by 10x its magnitude). Clamping everywhere keeps
+prefill-then-decode equal to one prefill, which the runtime relies on. For the default limit (0, inf) the clamp
+is the identity and every anchor agrees.
+
+Numerics shared by the references and the kernels (and checked against a plain float64 recurrence by
+tests/plugins/test_sweep_mamba.py): softplus is torch's (x above 20, else log1p(e^x) to a few ulps, e^x itself
+in the far tail); an upper limit of 0 is a limit (dt = 0); the chunked kernel's state carries the very decay its
+outputs use (the running sum's last element).
 """
 
 from __future__ import annotations
@@ -157,13 +172,28 @@ from trtfalcon.plugins._triton import mma_operand, tl, triton  # noqa: E402
 
 
 @triton.jit
-def _dt_transform(dt_raw, dt_bias, DT_MIN: tl.constexpr, DT_MAX: tl.constexpr):
-    """clamp(softplus(dt + dt_bias), DT_MIN, DT_MAX) in fp32; softplus(x) = x for x > 20 (as torch does)."""
-    dt = dt_raw + dt_bias
-    dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))))
-    if DT_MIN > 0.0:
+def _softplus(x):
+    """log(1 + e^x) in fp32 as torch computes it: x above 20, else log1p(e^x).
+
+    log(1 + e) rounds 1 + e first: 17% off at x = -15 and 0 below x = -16.6, where softplus is e^x. Triton has no
+    log1p the interpreter also runs, so it is Goldberg's form ("What every computer scientist should know about
+    floating-point arithmetic", theorem 4): log1p(e) = log(u) * e / (u - 1) with u = 1 + e, a few ulps from
+    exact, and e itself where u rounds to 1 (e < 2**-24, where log1p(e) = e to fp32 precision)."""
+    e = tl.exp(tl.minimum(x, 20.0))
+    u = 1.0 + e
+    # u - 1 is 0 or >= 2**-23: the floor only keeps the unselected lane finite (no 0/0 computed, no NaN)
+    log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / tl.maximum(u - 1.0, 1e-30)))
+    return tl.where(x > 20.0, x, log1p_e)
+
+
+@triton.jit
+def _dt_transform(dt_raw, dt_bias, DT_MIN: tl.constexpr, HAS_DT_MAX: tl.constexpr, DT_MAX: tl.constexpr):
+    """clamp(softplus(dt + dt_bias), DT_MIN, DT_MAX) in fp32. The upper limit has its own flag: every value of
+    DT_MAX, 0 included, is a limit someone may configure (time_step_limit [0, 0] gives dt = 0)."""
+    dt = _softplus(dt_raw + dt_bias)
+    if DT_MIN > 0.0:  # a lower limit of 0 changes nothing: softplus >= 0
         dt = tl.maximum(dt, DT_MIN)
-    if DT_MAX > 0.0:  # DT_MAX <= 0 stands for +inf (no upper limit)
+    if HAS_DT_MAX:
         dt = tl.minimum(dt, DT_MAX)
     return dt
 
@@ -241,6 +271,7 @@ def ssd_chunked_kernel(
     N: tl.constexpr,
     HAS_D: tl.constexpr,
     DT_MIN: tl.constexpr,
+    HAS_DT_MAX: tl.constexpr,  # False: no upper limit (time_step_limit[1] = inf); DT_MAX is then not read
     DT_MAX: tl.constexpr,
     BLOCK_T: tl.constexpr,  # the kernel's chunk length
     BLOCK_P: tl.constexpr,
@@ -272,10 +303,13 @@ def ssd_chunked_kernel(
     for t0 in range(0, seqlen, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         tmask = t < seqlen
-        dt = _dt_transform(tl.load(dt_base + t * H, mask=tmask, other=0.0).to(tl.float32), dt_bias, DT_MIN, DT_MAX)
+        dt_raw = tl.load(dt_base + t * H, mask=tmask, other=0.0).to(tl.float32)
+        dt = _dt_transform(dt_raw, dt_bias, DT_MIN, HAS_DT_MAX, DT_MAX)
         dt = tl.where(tmask, dt, 0.0)  # padding tokens: no decay (exp(0) = 1) and no input
         a_cum = tl.cumsum(dt * A, axis=0)  # (BLOCK_T,)
-        a_last = tl.sum(dt * A, axis=0)
+        # The chunk's total decay IS the running sum's last element (padding adds 0): a separate tl.sum adds in
+        # another order, and at extreme dt the state handed on would disagree with the outputs inside the chunk.
+        a_last = tl.sum(tl.where(tl.arange(0, BLOCK_T) == BLOCK_T - 1, a_cum, 0.0), axis=0)
 
         xp_mask = tmask[:, None] & pmask[None, :]
         x = tl.load(x_base + t[:, None] * (H * P) + offs_p[None, :], mask=xp_mask, other=0.0).to(tl.float32)
@@ -312,6 +346,7 @@ def ssd_recurrent_kernel(
     N: tl.constexpr,
     HAS_D: tl.constexpr,
     DT_MIN: tl.constexpr,
+    HAS_DT_MAX: tl.constexpr,  # False: no upper limit (time_step_limit[1] = inf); DT_MAX is then not read
     DT_MAX: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -329,7 +364,7 @@ def ssd_recurrent_kernel(
 
     for i in range(0, seqlen):
         tok = (start + i).to(tl.int64)
-        dt = _dt_transform(tl.load(dt_ptr + tok * H + h).to(tl.float32), dt_bias, DT_MIN, DT_MAX)
+        dt = _dt_transform(tl.load(dt_ptr + tok * H + h).to(tl.float32), dt_bias, DT_MIN, HAS_DT_MAX, DT_MAX)
         x = tl.load(x_ptr + (tok * H + h) * P + offs_p, mask=pmask, other=0.0).to(tl.float32)
         Bv = tl.load(B_ptr + (tok * G + g) * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
         Cv = tl.load(C_ptr + (tok * G + g) * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
@@ -363,7 +398,9 @@ def _common_constexprs(c: KernelContext) -> dict[str, Any]:
     dt_max = c.attrs["dt_max"]
     return dict(
         H=H, P=P, G=c.dim("B", 1), N=N, HAS_D=c.present["D"], DT_MIN=float(c.attrs["dt_min"]),
-        DT_MAX=float(dt_max) if dt_max != float("inf") else 0.0, BLOCK_N=pow2(N),
+        # an explicit flag: 0 is a legal upper limit; DT_MAX stays finite (and the AOT manifest valid JSON)
+        HAS_DT_MAX=dt_max != float("inf"), DT_MAX=float(dt_max) if dt_max != float("inf") else 0.0,
+        BLOCK_N=pow2(N),
     )
 
 
