@@ -150,7 +150,8 @@ def test_upper_time_step_limit_reaches_the_kernel_through_every_format(limit, ha
                                  **plugin_node_attrs(SSD, dict(chunk_size=256, dt_min=limit[0], dt_max=limit[1])))
     raw = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     attrs = PluginKernel(SSD, SSD.ref).attributes(raw)  # what onnxruntime's op and TensorRT's plugin fields get
-    assert attrs["dt_max"] == limit[1] and SSD.ref_arguments({i.name: None for i in SSD.inputs}, attrs)["dt_limit"] == limit
+    assert attrs["dt_max"] == limit[1]
+    assert SSD.ref_arguments({i.name: None for i in SSD.inputs}, attrs)["dt_limit"] == limit
     dims = dict(x=(1, 4, 8), B=(1, 2, 16))
     for ks in SSD.kernels:
         c = ks.constexprs(KernelContext(attrs, {}, {"D": True}, lambda t, a: dims[t][a]))
