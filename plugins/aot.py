@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable
 
 from trtfalcon.config import FalconH1Config, preset
 from trtfalcon.errors import TrtFalconError
-from trtfalcon.plugins._triton import require_triton
+from trtfalcon.plugins.triton_lang import require_triton
 from trtfalcon.plugins.ops import OPS
 from trtfalcon.plugins.spec import DTYPES, KernelContext, KernelSpec, OpSpec
 
@@ -162,7 +162,7 @@ def compile_kernel(op: OpSpec, ks: KernelSpec, dtypes: dict[str, str], attrs: di
     dimensions constant for the model (head counts, sizes) that become compile-time constants.
     """
     require_triton()
-    from trtfalcon.plugins._triton import INTERPRETING
+    from trtfalcon.plugins.triton_lang import INTERPRETING
 
     if INTERPRETING:
         raise AOTError("ahead-of-time compilation needs compiled kernels: unset TRITON_INTERPRET (the interpreter "

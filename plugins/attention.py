@@ -94,7 +94,7 @@ def paged_attention_ref(
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernel
 # ----------------------------------------------------------------------------------------------------------------
-from trtfalcon.plugins._triton import mma_operand, tl, to_fp8e4m3, triton  # noqa: E402
+from trtfalcon.plugins.triton_lang import mma_operand, tl, to_fp8e4m3, triton  # noqa: E402
 
 
 @triton.jit

@@ -64,7 +64,7 @@ def causal_conv1d_varlen_ref(
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernel
 # ----------------------------------------------------------------------------------------------------------------
-from trtfalcon.plugins._triton import tl, triton  # noqa: E402
+from trtfalcon.plugins.triton_lang import tl, triton  # noqa: E402
 
 
 @triton.jit

@@ -38,7 +38,7 @@ def gated_rms_norm_ref(
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernel
 # ----------------------------------------------------------------------------------------------------------------
-from trtfalcon.plugins._triton import tl, triton  # noqa: E402
+from trtfalcon.plugins.triton_lang import tl, triton  # noqa: E402
 
 
 @triton.jit

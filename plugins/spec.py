@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 
 from trtfalcon.errors import TrtFalconError
-from trtfalcon.plugins._triton import require_triton, triton
+from trtfalcon.plugins.triton_lang import require_triton, triton
 
 DOMAIN = "trtfalcon"
 OP_VERSION = 1

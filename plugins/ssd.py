@@ -168,7 +168,7 @@ def ssd_varlen_ref(
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
-from trtfalcon.plugins._triton import mma_operand, tl, triton  # noqa: E402
+from trtfalcon.plugins.triton_lang import mma_operand, tl, triton  # noqa: E402
 
 
 @triton.jit

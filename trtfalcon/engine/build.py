@@ -354,7 +354,7 @@ def _check_supported(bc: BuildConfig) -> None:
 def _compile_kernels(bc: BuildConfig, cfg: FalconH1Config, target: Path) -> dict[str, Any]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise ConfigError("unset TRITON_INTERPRET: compiling the plugin kernels ahead of time needs Triton's compiler")
-    from trtfalcon.plugins._triton import require_triton
+    from trtfalcon.plugins.triton_lang import require_triton
     from trtfalcon.plugins.aot import compile_all, spilling
 
     require_triton()

@@ -1,4 +1,5 @@
-"""Triton, imported once for every kernel module, so that the torch references import without it.
+"""Triton's language for the kernel modules, imported once, here, so that the torch references import without it;
+the interpreter switch (INTERPRETING) and the @triton.jit helpers the kernels share.
 
 triton is an optional dependency (extra `kernels`). Where it is missing, `triton.jit` still decorates (the
 kernels are defined beside their references either way) but launching or compiling a kernel raises
