@@ -42,8 +42,9 @@ from trtfalcon.checkpoint.safetensors_io import atomic_output_dir
 from trtfalcon.config import FalconH1Config, preset
 from trtfalcon.dtypes import FLOAT_NAMES, KV_CACHE_NAMES, SSM_STATE_NAMES, lookup
 from trtfalcon.errors import ConfigError, TrtFalconError
-from trtfalcon.plugins._triton import require_triton
-from trtfalcon.plugins.spec import OPS, KernelContext, KernelSpec, OpSpec
+from trtfalcon.plugins.ops import OPS
+from trtfalcon.plugins.spec import KernelContext, KernelSpec, OpSpec
+from trtfalcon.plugins.triton_lang import require_triton
 
 
 class AOTError(TrtFalconError):
@@ -171,7 +172,7 @@ def compile_kernel(op: OpSpec, ks: KernelSpec, dtypes: dict[str, str], attrs: di
     dimensions constant for the model (head counts, sizes) that become compile-time constants.
     """
     require_triton()
-    from trtfalcon.plugins._triton import INTERPRETING
+    from trtfalcon.plugins.triton_lang import INTERPRETING
 
     if INTERPRETING:
         raise AOTError("ahead-of-time compilation needs compiled kernels: unset TRITON_INTERPRET (the interpreter "

@@ -19,6 +19,8 @@ computes exactly what it did before they existed, with the very same kernel code
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 from trtfalcon.checkpoint.deploy_fp8 import FP8_DTYPE, quantize_fp8
@@ -92,7 +94,7 @@ def paged_attention_ref(
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernel
 # ----------------------------------------------------------------------------------------------------------------
-from trtfalcon.plugins._triton import mma_operand, tl, to_fp8e4m3, triton  # noqa: E402
+from trtfalcon.plugins.triton_lang import mma_operand, tl, to_fp8e4m3, triton  # noqa: E402
 
 
 @triton.jit
@@ -256,3 +258,70 @@ def paged_attention_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc * v_scale / l_safe[:, None]  # v_scale: V in cache units
     tl.store(out_ptr + q_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The declaration (plugins/spec.py): every backend's view of this op, and its tiles
+# ----------------------------------------------------------------------------------------------------------------
+from trtfalcon.plugins.spec import (  # noqa: E402
+    FLOATS, Attr, KernelContext, KernelSpec, OpSpec, OutputArg, TensorArg, cdiv, cexpr, dim, int32_input,
+    mma_sync_only, pow2,
+)
+
+
+def _constexprs(block_m: int, block_n: int, mma_sync_tile: tuple[int, int]
+                ) -> Callable[[KernelContext], dict[str, Any]]:
+    def make(c: KernelContext) -> dict[str, Any]:
+        hq, hkv, d = c.dim("q", 1), c.dim("k", 1), c.dim("q", 2)
+        qg = hq // hkv
+        scale = c.attrs["scale"] or d**-0.5
+        # only an FP8 cache reads its scales: bf16/fp32 kernels stay the code they were (no loads, no division)
+        fp8 = c.dtypes["kv_cache"] == "float8_e4m3fn"
+        # fp32 operands take twice the registers: halve the key tile (and for heads wider than 128)
+        bn = block_n // (2 if c.dtypes["q"] == "float32" else 1) // (2 if d > 128 else 1)
+        rows = block_m
+        if mma_sync_only(c.cc) and (fp8 or c.dtypes["q"] == "float32"):
+            # fp8 -> bf16 conversions of K/V, or fp32 operands, beside register-held dot operands: at 7B heads the
+            # default tile spills on sm_80/86/89/120 (ptxas -v, plugins/aot.py); mma_sync_tile = (rows, keys) caps
+            rows, bn = min(rows, mma_sync_tile[0]), min(bn, mma_sync_tile[1])
+        bm = max(rows, pow2(qg))
+        return dict(HQ=hq, HKV=hkv, HEAD_DIM=d, SCALE=float(scale), TOKENS_PER_TILE=bm // qg,
+                    BLOCK_TT=pow2(bm // qg), BLOCK_M=bm, BLOCK_N=max(16, bn), BLOCK_D=max(16, pow2(d)),
+                    KV_FP8=fp8, HAS_KV_SCALE=fp8 and bool(c.present["k_scale"]))
+    return make
+
+
+_GRID = (cdiv(dim("q", 0), cexpr("TOKENS_PER_TILE")), dim("context_lens", 0), dim("k", 1))
+_SCALARS = (("num_blocks", dim("kv_cache", 1)), ("block_size", dim("kv_cache", 2)),
+            ("max_blocks", dim("block_tables", 1)))
+
+PAGED_ATTENTION = OpSpec(
+    name="paged_attention",
+    doc=__doc__ or "",
+    inputs=(
+        TensorArg("q", ("num_tokens", "Hq", "D"), FLOATS),
+        TensorArg("k", ("num_tokens", "Hkv", "D"), FLOATS),
+        TensorArg("v", ("num_tokens", "Hkv", "D"), FLOATS),
+        TensorArg("kv_cache", ("2", "num_blocks", "block_size", "Hkv", "D"), FLOATS + ("float8_e4m3fn",)),
+        int32_input("block_tables", ("num_seqs", "max_blocks")), int32_input("cu_seqlens", ("num_seqs+1",)),
+        int32_input("context_lens", ("num_seqs",)),
+        # FP8 KV cache: cache = fp8(k / k_scale), read as cache * k_scale (checkpoint/deploy_fp8.py); 1.0 = unscaled
+        TensorArg("k_scale", (), ("float32",), optional=True, fill=1.0),
+        TensorArg("v_scale", (), ("float32",), optional=True, fill=1.0),
+    ),
+    outputs=(OutputArg("out", like="q"), OutputArg("kv_cache_out", like="kv_cache", alias="kv_cache")),
+    attributes=(Attr("scale", float, 0.0, "softmax scale; 0 = head_dim ** -0.5",
+                     encode=lambda s: float(s) if s is not None else 0.0, decode=lambda s: s or None),),
+    ref=paged_attention_ref,
+    kernels=(
+        KernelSpec(name="prefill", fn=paged_attention_kernel, grid=_GRID, scalars=_SCALARS,
+                   constexprs=_constexprs(64, 32, (32, 32)), num_warps=lambda k: 8 if k["BLOCK_M"] >= 64 else 4,
+                   doc="any batch; 64 (token, head) rows per program (32 on sm_80/86/89/120 for FP8 caches and "
+                       "fp32)"),
+        KernelSpec(name="decode", fn=paged_attention_kernel, grid=_GRID, scalars=_SCALARS,
+                   constexprs=_constexprs(16, 32, (16, 16)), num_warps=lambda k: 4,
+                   doc="any batch; 16 rows per program, chosen when num_tokens == num_seqs"),
+    ),
+    select=lambda s: "decode" if s["q"][0] == s["context_lens"][0] else "prefill",
+    check=lambda a: check_kv_scales(a["k_scale"], a["v_scale"]),
+)

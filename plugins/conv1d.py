@@ -64,7 +64,7 @@ def causal_conv1d_varlen_ref(
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernel
 # ----------------------------------------------------------------------------------------------------------------
-from trtfalcon.plugins._triton import tl, triton  # noqa: E402
+from trtfalcon.plugins.triton_lang import tl, triton  # noqa: E402
 
 
 @triton.jit
@@ -166,3 +166,40 @@ def causal_conv1d_kernel(
         state_slot_out_ptr + state_row[:, None] + si[None, :],
         new_state.to(conv_state_out_ptr.dtype.element_ty), mask=(si < n_write)[None, :] & cmask[:, None],
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The declaration (plugins/spec.py): every backend's view of this op
+# ----------------------------------------------------------------------------------------------------------------
+from trtfalcon.plugins.spec import (  # noqa: E402
+    FLOATS, Attr, KernelSpec, OpSpec, OutputArg, TensorArg, cdiv, cexpr, dim, int32_input, pow2,
+)
+
+CAUSAL_CONV1D = OpSpec(
+    name="causal_conv1d",
+    doc=__doc__ or "",
+    inputs=(
+        TensorArg("x", ("num_tokens", "conv_dim"), FLOATS),
+        TensorArg("weight", ("conv_dim", "d_conv"), FLOATS),
+        TensorArg("bias", ("conv_dim",), FLOATS, optional=True, fill=0.0),
+        TensorArg("conv_state", ("num_slots", "conv_dim", "d_conv-1"), FLOATS),
+        int32_input("cu_seqlens", ("num_seqs+1",)), int32_input("context_lens", ("num_seqs",)),
+        int32_input("state_slots", ("num_seqs",)),
+    ),
+    outputs=(OutputArg("out", like="x"), OutputArg("conv_state_out", like="conv_state", alias="conv_state")),
+    attributes=(Attr("activation", bool, True, "apply SiLU after the bias"),),
+    ref=causal_conv1d_varlen_ref,
+    kernels=(
+        KernelSpec(
+            name="varlen",
+            fn=causal_conv1d_kernel,
+            grid=(dim("context_lens", 0), cdiv(dim("x", 1), cexpr("BLOCK_C"))),
+            scalars=(("conv_dim", dim("x", 1)),),
+            constexprs=lambda c: dict(
+                K=c.dim("weight", 1), HAS_BIAS=c.present["bias"], SILU=c.attrs["activation"],
+                BLOCK_T=8, BLOCK_C=64, BLOCK_S=max(2, pow2(c.dim("weight", 1) - 1)),
+            ),
+            doc="prefill chunks and decode tokens alike: one program per sequence x 64 channels",
+        ),
+    ),
+)

@@ -38,7 +38,7 @@ def gated_rms_norm_ref(
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernel
 # ----------------------------------------------------------------------------------------------------------------
-from trtfalcon.plugins._triton import tl, triton  # noqa: E402
+from trtfalcon.plugins.triton_lang import tl, triton  # noqa: E402
 
 
 @triton.jit
@@ -78,3 +78,44 @@ def gated_rms_norm_kernel(
     else:
         y = y * gate
     tl.store(out_ptr + row * d_ssm + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The declaration (plugins/spec.py): every backend's view of this op
+# ----------------------------------------------------------------------------------------------------------------
+from trtfalcon.dtypes import lookup  # noqa: E402
+from trtfalcon.plugins.spec import (  # noqa: E402
+    FLOATS, TENSOR_DTYPES, Attr, KernelSpec, OpSpec, OutputArg, TensorArg, cexpr, dim, dtype_name, pow2,
+)
+
+GATED_RMS_NORM = OpSpec(
+    name="gated_rms_norm",
+    doc=__doc__ or "",
+    inputs=(
+        TensorArg("y", ("num_tokens", "d_ssm"), FLOATS),
+        TensorArg("z", ("num_tokens", "d_ssm"), FLOATS),
+        TensorArg("weight", ("d_ssm",), FLOATS, optional=True, fill=1.0),
+    ),
+    outputs=(OutputArg("out", like="y", dtype_attr="out_dtype"),),
+    attributes=(
+        Attr("n_groups", int, 1), Attr("eps", float, 1e-5), Attr("norm_before_gate", bool, False),
+        Attr("has_norm", bool, True, "False: y * silu(z) only (mamba_rms_norm false); weight is ignored",
+             presence_of="weight"),
+        Attr("out_dtype", str, "bfloat16", encode=dtype_name, decode=lambda name: lookup(name, "long", among=TENSOR_DTYPES).torch),
+    ),
+    ref=gated_rms_norm_ref,
+    kernels=(
+        KernelSpec(
+            name="rows",
+            fn=gated_rms_norm_kernel,
+            grid=(dim("y", 0), cexpr("N_GROUPS")),
+            scalars=(("d_ssm", dim("y", 1)),),
+            constexprs=lambda c: dict(
+                GROUP_SIZE=c.dim("y", 1) // c.attrs["n_groups"], EPS=float(c.attrs["eps"]),
+                HAS_NORM=bool(c.attrs["has_norm"]), NORM_BEFORE_GATE=bool(c.attrs["norm_before_gate"]),
+                BLOCK=pow2(c.dim("y", 1) // c.attrs["n_groups"]), N_GROUPS=int(c.attrs["n_groups"]),
+            ),
+            num_warps=lambda k: 8 if k["BLOCK"] >= 2048 else 4,
+        ),
+    ),
+)

@@ -1,4 +1,5 @@
-"""The custom ops a Falcon-H1 layer calls, behind one switch: torch references, vectorized torch, or Triton kernels.
+"""The registry of plugin ops (`OPS`: each op's declaration, from the module holding its kernel and reference), and
+the custom ops a Falcon-H1 layer calls behind one switch: torch references, vectorized torch, or Triton kernels.
 
 - reference: the `*_ref` loops over sequences; the oracle, plainly correct, slow at large batches;
 - torch: the same math vectorized over the batch (torch_batched.py); the torch executor's CPU default;
@@ -13,10 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from trtfalcon.plugins.attention import paged_attention_ref
-from trtfalcon.plugins.conv1d import causal_conv1d_varlen_ref
-from trtfalcon.plugins.gated_norm import gated_rms_norm_ref
-from trtfalcon.plugins.ssd import ssd_varlen_ref
+from trtfalcon.plugins.attention import PAGED_ATTENTION
+from trtfalcon.plugins.conv1d import CAUSAL_CONV1D
+from trtfalcon.plugins.gated_norm import GATED_RMS_NORM, gated_rms_norm_ref
+from trtfalcon.plugins.spec import OpSpec, torch_call
+from trtfalcon.plugins.ssd import SSD
+
+# Every op's one declaration (plugins/spec.py), by op name: what the exporter, the onnxruntime executor, the
+# TensorRT plugins and the ahead-of-time build iterate over.
+OPS: dict[str, OpSpec] = {op.name: op for op in (CAUSAL_CONV1D, SSD, GATED_RMS_NORM, PAGED_ATTENTION)}
 
 KERNEL_CHOICES = ("reference", "torch", "triton")
 
@@ -30,13 +36,7 @@ class Ops:
     paged_attention: Callable
 
 
-REFERENCE_OPS = Ops(
-    name="reference",
-    causal_conv1d=causal_conv1d_varlen_ref,
-    ssd=ssd_varlen_ref,
-    gated_rms_norm=gated_rms_norm_ref,
-    paged_attention=paged_attention_ref,
-)
+REFERENCE_OPS = Ops(name="reference", **{name: op.ref for name, op in OPS.items()})
 
 
 def _torch_ops() -> Ops:
@@ -52,18 +52,10 @@ def _torch_ops() -> Ops:
 
 
 def _triton_ops() -> Ops:
-    """The Triton kernels, each called through its one declaration in plugins/spec.py (the same declaration the
-    TensorRT plugins and the ahead-of-time build come from). CUDA tensors run on the GPU; CPU tensors need
+    """The Triton kernels, each called through its one declaration (`OPS`, the same declaration the TensorRT
+    plugins and the ahead-of-time build come from). CUDA tensors run on the GPU; CPU tensors need
     TRITON_INTERPRET=1 set before triton is imported (Triton's interpreter: slow, for verification)."""
-    from trtfalcon.plugins import spec
-
-    return Ops(
-        name="triton",
-        causal_conv1d=spec.torch_call(spec.CAUSAL_CONV1D),
-        ssd=spec.torch_call(spec.SSD),
-        gated_rms_norm=spec.torch_call(spec.GATED_RMS_NORM),
-        paged_attention=spec.torch_call(spec.PAGED_ATTENTION),
-    )
+    return Ops(name="triton", **{name: torch_call(op) for name, op in OPS.items()})
 
 
 def get_ops(kernels: str = "reference") -> Ops:

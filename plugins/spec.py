@@ -1,14 +1,20 @@
-"""One declaration per custom op; every backend derives its view of the op from it.
+"""The framework of the op declarations: one `OpSpec` per custom op, and every backend's view derived from it.
+
+Each op's declaration lives beside its kernel and its torch reference (conv1d.py, ssd.py, attention.py,
+gated_norm.py: shapes, tiles, chunk caps and warps next to the code they tune); plugins/ops.py is the registry
+(`OPS`). This module knows no op: the op modules import it, the registry imports them.
 
 An `OpSpec` says, once: the op type and domain (ONNX / TensorRT plugin namespace "trtfalcon"), its input and
 output tensors (names, symbolic shapes, dtypes), its attributes (typed, with defaults), which outputs alias
 which inputs (the in-place cache and state updates), the torch reference, and its Triton kernels with their
 launch grid, scalar arguments and compile-time constants as shape expressions. From it come:
 
-- the torch executor's call (`launch`, used by `get_ops("triton")`), which binds the reference's arguments;
+- the torch executor's call (`launch`, used by `get_ops("triton")`), which binds the reference's arguments
+  (`OpSpec.bind`: derived from the reference's signature and the attributes' declarations, no per-op code);
 - the TensorRT quickly-deployable plugin with its ahead-of-time kernel (plugins/tensorrt.py);
 - the ahead-of-time build for each GPU architecture (plugins/aot.py);
-- the ONNX node and the onnxruntime custom op (op_type, domain, attributes, input/output names and dtypes).
+- the ONNX node and the onnxruntime custom op (op_type, domain, attributes, input/output names and dtypes;
+  `OpSpec.ref_arguments` turns a node's inputs and attributes back into the reference's arguments).
 
 Kernel ABI, fixed by TensorRT's AOT plugins (tensorrt_bindings/plugin/_lib.py, `aot_impl`): the kernel takes
 the input tensors in the spec's order, then the scalar arguments, then the output tensors. An aliased output is
@@ -28,8 +34,7 @@ import torch
 
 from trtfalcon.dtypes import lookup
 from trtfalcon.errors import TrtFalconError
-from trtfalcon.plugins import attention, conv1d, gated_norm, ssd
-from trtfalcon.plugins._triton import require_triton, triton
+from trtfalcon.plugins.triton_lang import require_triton, triton
 
 DOMAIN = "trtfalcon"
 OP_VERSION = 1
@@ -37,6 +42,11 @@ OP_VERSION = 1
 # The dtypes a plugin tensor may have, by long name (their other spellings: trtfalcon/dtypes.py)
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "int32", "float8_e4m3fn")  # float8: FP8 KV cache only (sm_89+)
 FLOATS = ("float32", "bfloat16", "float16")
+
+
+def pow2(n: int) -> int:
+    """The next power of two >= n (Triton's block sizes)."""
+    return triton.next_power_of_2(int(n))
 
 
 def dtype_name(dt: torch.dtype) -> str:
@@ -120,6 +130,10 @@ class TensorArg:
     fill: float | None = None  # the value that makes a present tensor equivalent to an absent one
 
 
+def int32_input(name: str, shape: tuple[str, ...]) -> TensorArg:
+    return TensorArg(name, shape, ("int32",))
+
+
 @dataclass(frozen=True)
 class OutputArg:
     name: str
@@ -130,10 +144,33 @@ class OutputArg:
 
 @dataclass(frozen=True)
 class Attr:
+    """An attribute of the op (ONNX node attribute, TensorRT plugin field, kernel compile-time input) and how the
+    reference's arguments carry it. By default it is the reference parameter of the same name, cast to `type`."""
+
     name: str
     type: type  # int | float | bool | str: what ONNX attributes and TensorRT plugin fields can carry
     default: Any
     doc: str = ""
+    param: str | None = None  # the reference parameter it comes from, when not `name`
+    index: int | None = None  # the element of that (tuple) parameter: dt_limit[1] is dt_max
+    encode: Callable[[Any], Any] | None = None  # reference value -> attribute value (default: `type`)
+    decode: Callable[[Any], Any] | None = None  # attribute value -> reference value (default: unchanged)
+    presence_of: str | None = None  # True when this optional input is given; False: the reference gets None
+
+    @property
+    def source(self) -> str:
+        """The reference parameter this attribute is read from."""
+        return self.presence_of or self.param or self.name
+
+    def from_reference(self, value: Any) -> Any:
+        if self.presence_of:
+            return value is not None
+        if self.index is not None:
+            value = value[self.index]
+        return self.encode(value) if self.encode is not None else self.type(value)
+
+    def to_reference(self, value: Any) -> Any:
+        return self.decode(value) if self.decode is not None else value
 
 
 class KernelContext:
@@ -170,13 +207,56 @@ class OpSpec:
     outputs: tuple[OutputArg, ...]
     attributes: tuple[Attr, ...]
     ref: Callable
-    # Maps the reference's arguments to (tensors by input name, attributes by name).
-    bind: Callable[..., tuple[dict[str, torch.Tensor | None], dict[str, Any]]]
     kernels: tuple[KernelSpec, ...]
     # Picks a kernel from the input shapes (torch executor); TensorRT gets one plugin per kernel instead.
     select: Callable[[dict[str, tuple[int, ...]]], str] = lambda shapes: ""
+    # Checks the reference's arguments (by name) before a launch: what the reference itself checks on entry.
+    check: Callable[[dict[str, Any]], None] | None = None
     domain: str = DOMAIN
     version: int = OP_VERSION
+
+    def __post_init__(self) -> None:
+        params = list(inspect.signature(self.ref).parameters)
+        inputs = [i.name for i in self.inputs]
+        carried = inputs + [a.source for a in self.attributes]
+        missing = [p for p in params if p not in carried]
+        unknown = [n for n in carried if n not in params]
+        if missing or unknown:
+            raise TypeError(f"op {self.name!r}: {self.ref.__name__} parameters {missing} are neither inputs nor "
+                            f"attributes; inputs/attributes {unknown} are not its parameters")
+
+    def bind(self, *args: Any, **kwargs: Any) -> tuple[dict[str, torch.Tensor | None], dict[str, Any]]:
+        """The reference's arguments -> (tensors by input name, attributes by name)."""
+        bound = inspect.signature(self.ref).bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        if self.check is not None:
+            self.check(a)
+        return ({i.name: a[i.name] for i in self.inputs},
+                {at.name: at.from_reference(a[at.source]) for at in self.attributes})
+
+    def ref_arguments(self, tensors: dict[str, torch.Tensor], attrs: dict[str, Any]) -> dict[str, Any]:
+        """The inverse of `bind`: a graph node's inputs and attributes -> the reference's keyword arguments.
+
+        An attribute carrying an input's presence (gated_rms_norm's has_norm) makes that input None when False;
+        the elements of a tuple parameter (dt_limit) are gathered from their attributes in index order."""
+        missing = [i.name for i in self.inputs if i.name not in tensors]
+        if missing:
+            raise TrtFalconError(f"{self.name}: inputs {missing} are missing; expected {[i.name for i in self.inputs]}")
+        kwargs: dict[str, Any] = dict(tensors)
+        elements: dict[str, dict[int, Any]] = {}
+        for at in self.attributes:
+            value = attrs[at.name]
+            if at.presence_of:
+                if not value:
+                    kwargs[at.presence_of] = None
+            elif at.index is not None:
+                elements.setdefault(at.source, {})[at.index] = at.to_reference(value)
+            else:
+                kwargs[at.source] = at.to_reference(value)
+        for param, parts in elements.items():
+            kwargs[param] = tuple(parts[i] for i in sorted(parts))
+        return {p: kwargs[p] for p in inspect.signature(self.ref).parameters}
 
     def kernel(self, name: str = "") -> KernelSpec:
         if not name:
@@ -218,237 +298,12 @@ class OpSpec:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The four ops
+# What op declarations may ask of the target GPU
 # ---------------------------------------------------------------------------------------------------------------
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(int(n))
-
-
-def _i32(name: str, shape: tuple[str, ...]) -> TensorArg:
-    return TensorArg(name, shape, ("int32",))
-
-
-def _bind_conv(x, weight, bias, conv_state, cu_seqlens, context_lens, state_slots, activation=True):
-    return (dict(x=x, weight=weight, bias=bias, conv_state=conv_state, cu_seqlens=cu_seqlens,
-                 context_lens=context_lens, state_slots=state_slots), dict(activation=bool(activation)))
-
-
-CAUSAL_CONV1D = OpSpec(
-    name="causal_conv1d",
-    doc=conv1d.__doc__ or "",
-    inputs=(
-        TensorArg("x", ("num_tokens", "conv_dim"), FLOATS),
-        TensorArg("weight", ("conv_dim", "d_conv"), FLOATS),
-        TensorArg("bias", ("conv_dim",), FLOATS, optional=True, fill=0.0),
-        TensorArg("conv_state", ("num_slots", "conv_dim", "d_conv-1"), FLOATS),
-        _i32("cu_seqlens", ("num_seqs+1",)), _i32("context_lens", ("num_seqs",)), _i32("state_slots", ("num_seqs",)),
-    ),
-    outputs=(OutputArg("out", like="x"), OutputArg("conv_state_out", like="conv_state", alias="conv_state")),
-    attributes=(Attr("activation", bool, True, "apply SiLU after the bias"),),
-    ref=conv1d.causal_conv1d_varlen_ref,
-    bind=_bind_conv,
-    kernels=(
-        KernelSpec(
-            name="varlen",
-            fn=conv1d.causal_conv1d_kernel,
-            grid=(dim("context_lens", 0), cdiv(dim("x", 1), cexpr("BLOCK_C"))),
-            scalars=(("conv_dim", dim("x", 1)),),
-            constexprs=lambda c: dict(
-                K=c.dim("weight", 1), HAS_BIAS=c.present["bias"], SILU=c.attrs["activation"],
-                BLOCK_T=8, BLOCK_C=64, BLOCK_S=max(2, _pow2(c.dim("weight", 1) - 1)),
-            ),
-            doc="prefill chunks and decode tokens alike: one program per sequence x 64 channels",
-        ),
-    ),
-)
-
-
-def _bind_ssd(x, dt, A, B, C, D, dt_bias, ssm_state, cu_seqlens, context_lens, state_slots, chunk_size,
-              dt_limit=(0.0, float("inf"))):
-    lo, hi = dt_limit
-    return (dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, ssm_state=ssm_state, cu_seqlens=cu_seqlens,
-                 context_lens=context_lens, state_slots=state_slots),
-            dict(chunk_size=int(chunk_size), dt_min=float(lo), dt_max=float(hi)))
-
-
-def ssd_kernel_chunk(chunk_size: int, d_state: int) -> int:
-    """The chunked kernel's chunk length: the model's chunk_size capped where the per-program tiles
-    (chunk x d_state for B and C, plus the state) would spill registers; at least 16 (tl.dot's minimum).
-    The scan's result does not depend on it (the chunked form equals the recurrence for any chunk length)."""
-    cap = 64 if d_state <= 64 else 16  # for d_state 256: no register spill on sm_90 in fp32 and bf16
-    return max(16, min(cap, _pow2(chunk_size)))
-
-
-def _ssd_common(c: KernelContext) -> dict[str, Any]:
-    H, P, N = c.dim("x", 1), c.dim("x", 2), c.dim("B", 2)
-    dt_max = c.attrs["dt_max"]
-    return dict(
-        H=H, P=P, G=c.dim("B", 1), N=N, HAS_D=c.present["D"], DT_MIN=float(c.attrs["dt_min"]),
-        DT_MAX=float(dt_max) if dt_max != float("inf") else 0.0, BLOCK_N=_pow2(N),
-    )
-
-
-_SSD_GRID = (dim("context_lens", 0), dim("x", 1), cdiv(dim("x", 2), cexpr("BLOCK_P")))
-
-SSD = OpSpec(
-    name="ssd",
-    doc=ssd.__doc__ or "",
-    inputs=(
-        TensorArg("x", ("num_tokens", "H", "P"), FLOATS),
-        TensorArg("dt", ("num_tokens", "H"), FLOATS),
-        TensorArg("A", ("H",), ("float32",)),
-        TensorArg("B", ("num_tokens", "G", "N"), FLOATS),
-        TensorArg("C", ("num_tokens", "G", "N"), FLOATS),
-        TensorArg("D", ("H",), ("float32",), optional=True, fill=0.0),
-        TensorArg("dt_bias", ("H",), ("float32",)),
-        TensorArg("ssm_state", ("num_slots", "H", "P", "N"), ("float32", "bfloat16")),
-        _i32("cu_seqlens", ("num_seqs+1",)), _i32("context_lens", ("num_seqs",)), _i32("state_slots", ("num_seqs",)),
-    ),
-    outputs=(OutputArg("y", like="x"), OutputArg("ssm_state_out", like="ssm_state", alias="ssm_state")),
-    attributes=(
-        Attr("chunk_size", int, 256, "the model's chunk length; the kernel's chunk is ssd_kernel_chunk() of it"),
-        Attr("dt_min", float, 0.0, "time_step_limit[0]"),
-        Attr("dt_max", float, float("inf"), "time_step_limit[1]; inf = no upper clamp"),
-    ),
-    ref=ssd.ssd_varlen_ref,
-    bind=_bind_ssd,
-    kernels=(
-        KernelSpec(
-            name="chunked",
-            fn=ssd.ssd_chunked_kernel,
-            grid=_SSD_GRID,
-            constexprs=lambda c: dict(
-                _ssd_common(c), BLOCK_T=ssd_kernel_chunk(c.attrs["chunk_size"], c.dim("B", 2)),
-                BLOCK_P=min(16 if c.dim("B", 2) > 64 else 32, _pow2(c.dim("x", 2))),
-            ),
-            num_warps=lambda k: 8 if k["BLOCK_N"] >= 128 else 4,
-            num_stages=1,  # software pipelining would double the live B/C/x tiles and spill
-            doc="any batch (prefill chunks, decode tokens, mixed)",
-        ),
-        KernelSpec(
-            name="recurrent",
-            fn=ssd.ssd_recurrent_kernel,
-            grid=_SSD_GRID,
-            constexprs=lambda c: dict(_ssd_common(c), BLOCK_P=min(16, _pow2(c.dim("x", 2)))),
-            num_warps=lambda k: 4,
-            doc="any batch, token by token; chosen when num_tokens == num_seqs (decode)",
-        ),
-    ),
-    # num_tokens == num_seqs: every sequence has one token in a decode step (the recurrent kernel is correct
-    # for any batch, so an odd batch with the same counts is still computed right).
-    select=lambda s: "recurrent" if s["x"][0] == s["context_lens"][0] else "chunked",
-)
-
-
-def _bind_norm(y, z, weight, n_groups, eps, norm_before_gate, out_dtype):
-    return (dict(y=y, z=z, weight=weight),
-            dict(n_groups=int(n_groups), eps=float(eps), norm_before_gate=bool(norm_before_gate),
-                 has_norm=weight is not None, out_dtype=dtype_name(out_dtype)))
-
-
-GATED_RMS_NORM = OpSpec(
-    name="gated_rms_norm",
-    doc=gated_norm.__doc__ or "",
-    inputs=(
-        TensorArg("y", ("num_tokens", "d_ssm"), FLOATS),
-        TensorArg("z", ("num_tokens", "d_ssm"), FLOATS),
-        TensorArg("weight", ("d_ssm",), FLOATS, optional=True, fill=1.0),
-    ),
-    outputs=(OutputArg("out", like="y", dtype_attr="out_dtype"),),
-    attributes=(
-        Attr("n_groups", int, 1), Attr("eps", float, 1e-5), Attr("norm_before_gate", bool, False),
-        Attr("has_norm", bool, True, "False: y * silu(z) only (mamba_rms_norm false); weight is ignored"),
-        Attr("out_dtype", str, "bfloat16"),
-    ),
-    ref=gated_norm.gated_rms_norm_ref,
-    bind=_bind_norm,
-    kernels=(
-        KernelSpec(
-            name="rows",
-            fn=gated_norm.gated_rms_norm_kernel,
-            grid=(dim("y", 0), cexpr("N_GROUPS")),
-            scalars=(("d_ssm", dim("y", 1)),),
-            constexprs=lambda c: dict(
-                GROUP_SIZE=c.dim("y", 1) // c.attrs["n_groups"], EPS=float(c.attrs["eps"]),
-                HAS_NORM=bool(c.attrs["has_norm"]), NORM_BEFORE_GATE=bool(c.attrs["norm_before_gate"]),
-                BLOCK=_pow2(c.dim("y", 1) // c.attrs["n_groups"]), N_GROUPS=int(c.attrs["n_groups"]),
-            ),
-            num_warps=lambda k: 8 if k["BLOCK"] >= 2048 else 4,
-        ),
-    ),
-)
-
-
-def _bind_attn(q, k, v, kv_cache, block_tables, cu_seqlens, context_lens, scale=None, k_scale=None, v_scale=None):
-    attention.check_kv_scales(k_scale, v_scale)
-    return (dict(q=q, k=k, v=v, kv_cache=kv_cache, block_tables=block_tables, cu_seqlens=cu_seqlens,
-                 context_lens=context_lens, k_scale=k_scale, v_scale=v_scale),
-            dict(scale=float(scale) if scale is not None else 0.0))
-
-
 def mma_sync_only(cc: int | None) -> bool:
     """GPUs whose tensor cores take both dot operands and the accumulator from registers (mma.sync: sm_80/86/89,
     and sm_120/121, the RTX Blackwell parts), not Hopper's wgmma or datacenter Blackwell's tcgen05 (sm_90, sm_100)."""
     return cc is not None and (cc < 90 or cc >= 120)
-
-
-def _attn_constexprs(block_m: int, block_n: int, mma_sync_tile: tuple[int, int]
-                     ) -> Callable[[KernelContext], dict[str, Any]]:
-    def make(c: KernelContext) -> dict[str, Any]:
-        hq, hkv, d = c.dim("q", 1), c.dim("k", 1), c.dim("q", 2)
-        qg = hq // hkv
-        scale = c.attrs["scale"] or d**-0.5
-        # only an FP8 cache reads its scales: bf16/fp32 kernels stay the code they were (no loads, no division)
-        fp8 = c.dtypes["kv_cache"] == "float8_e4m3fn"
-        # fp32 operands take twice the registers: halve the key tile (and for heads wider than 128)
-        bn = block_n // (2 if c.dtypes["q"] == "float32" else 1) // (2 if d > 128 else 1)
-        rows = block_m
-        if mma_sync_only(c.cc) and (fp8 or c.dtypes["q"] == "float32"):
-            # fp8 -> bf16 conversions of K/V, or fp32 operands, beside register-held dot operands: at 7B heads the
-            # default tile spills on sm_80/86/89/120 (ptxas -v, plugins/aot.py); mma_sync_tile = (rows, keys) caps
-            rows, bn = min(rows, mma_sync_tile[0]), min(bn, mma_sync_tile[1])
-        bm = max(rows, _pow2(qg))
-        return dict(HQ=hq, HKV=hkv, HEAD_DIM=d, SCALE=float(scale), TOKENS_PER_TILE=bm // qg,
-                    BLOCK_TT=_pow2(bm // qg), BLOCK_M=bm, BLOCK_N=max(16, bn), BLOCK_D=max(16, _pow2(d)),
-                    KV_FP8=fp8, HAS_KV_SCALE=fp8 and bool(c.present["k_scale"]))
-    return make
-
-
-_ATTN_GRID = (cdiv(dim("q", 0), cexpr("TOKENS_PER_TILE")), dim("context_lens", 0), dim("k", 1))
-_ATTN_SCALARS = (("num_blocks", dim("kv_cache", 1)), ("block_size", dim("kv_cache", 2)),
-                 ("max_blocks", dim("block_tables", 1)))
-
-PAGED_ATTENTION = OpSpec(
-    name="paged_attention",
-    doc=attention.__doc__ or "",
-    inputs=(
-        TensorArg("q", ("num_tokens", "Hq", "D"), FLOATS),
-        TensorArg("k", ("num_tokens", "Hkv", "D"), FLOATS),
-        TensorArg("v", ("num_tokens", "Hkv", "D"), FLOATS),
-        TensorArg("kv_cache", ("2", "num_blocks", "block_size", "Hkv", "D"), FLOATS + ("float8_e4m3fn",)),
-        _i32("block_tables", ("num_seqs", "max_blocks")), _i32("cu_seqlens", ("num_seqs+1",)),
-        _i32("context_lens", ("num_seqs",)),
-        # FP8 KV cache: cache = fp8(k / k_scale), read as cache * k_scale (fp8_format.py); 1.0 = unscaled
-        TensorArg("k_scale", (), ("float32",), optional=True, fill=1.0),
-        TensorArg("v_scale", (), ("float32",), optional=True, fill=1.0),
-    ),
-    outputs=(OutputArg("out", like="q"), OutputArg("kv_cache_out", like="kv_cache", alias="kv_cache")),
-    attributes=(Attr("scale", float, 0.0, "softmax scale; 0 = head_dim ** -0.5"),),
-    ref=attention.paged_attention_ref,
-    bind=_bind_attn,
-    kernels=(
-        KernelSpec(name="prefill", fn=attention.paged_attention_kernel, grid=_ATTN_GRID, scalars=_ATTN_SCALARS,
-                   constexprs=_attn_constexprs(64, 32, (32, 32)), num_warps=lambda k: 8 if k["BLOCK_M"] >= 64 else 4,
-                   doc="any batch; 64 (token, head) rows per program (32 on sm_80/86/89/120 for FP8 caches and "
-                       "fp32)"),
-        KernelSpec(name="decode", fn=attention.paged_attention_kernel, grid=_ATTN_GRID, scalars=_ATTN_SCALARS,
-                   constexprs=_attn_constexprs(16, 32, (16, 16)), num_warps=lambda k: 4,
-                   doc="any batch; 16 rows per program, chosen when num_tokens == num_seqs"),
-    ),
-    select=lambda s: "decode" if s["q"][0] == s["context_lens"][0] else "prefill",
-)
-
-OPS: dict[str, OpSpec] = {op.name: op for op in (CAUSAL_CONV1D, SSD, GATED_RMS_NORM, PAGED_ATTENTION)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -530,5 +385,6 @@ def torch_call(op: OpSpec) -> Callable[..., torch.Tensor]:
     return call
 
 
-__all__ = ["DOMAIN", "OPS", "TENSOR_DTYPES", "Attr", "Expr", "KernelContext", "KernelSpec", "OpSpec", "OutputArg",
-           "TensorArg", "cdiv", "dim", "cexpr", "launch", "mma_sync_only", "ssd_kernel_chunk", "torch_call"]
+__all__ = ["DOMAIN", "FLOATS", "OP_VERSION", "TENSOR_DTYPES", "Attr", "Expr", "KernelContext", "KernelSpec",
+           "OpSpec", "OutputArg", "TensorArg", "cdiv", "cexpr", "dim", "dtype_name", "int32_input", "launch",
+           "mma_sync_only", "pow2", "torch_call"]

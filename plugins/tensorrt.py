@@ -28,7 +28,8 @@ from typing import Any, Callable, Tuple
 
 from trtfalcon.dtypes import lookup
 from trtfalcon.errors import TrtFalconError
-from trtfalcon.plugins.spec import DOMAIN, OPS, TENSOR_DTYPES, KernelSpec, OpSpec
+from trtfalcon.plugins.ops import OPS
+from trtfalcon.plugins.spec import DOMAIN, TENSOR_DTYPES, KernelSpec, OpSpec
 from trtfalcon.tensorrt_import import import_tensorrt_plugin
 
 _REGISTERED: set[str] = set()

@@ -25,20 +25,8 @@ PACKAGES = {"trtfalcon": ROOT / "trtfalcon", "trtfalcon.plugins": ROOT / "plugin
 CLIENTS = (ROOT / "tests", ROOT / "bench")
 
 # Known private imports, each (file relative to the repository root, the private module or name it imports); nothing
-# else may be added. All of them are plugins/'s private module _triton.py (Triton, or its stand-in, and the
-# interpreter flag), which plugins/ is restructuring on the a5-plugins branch: its kernel modules and tests import it,
-# and the torch executor reads its INTERPRETING flag, which has no public home in plugins/ yet. The test fails on an
-# entry nothing needs any more, so each goes as soon as its import does.
-ALLOWED_PRIVATE = {
-    ("plugins/aot.py", "trtfalcon.plugins._triton"),  # a5-plugins: remove after merge
-    ("plugins/attention.py", "trtfalcon.plugins._triton"),  # a5-plugins: remove after merge
-    ("plugins/conv1d.py", "trtfalcon.plugins._triton"),  # a5-plugins: remove after merge
-    ("plugins/gated_norm.py", "trtfalcon.plugins._triton"),  # a5-plugins: remove after merge
-    ("plugins/spec.py", "trtfalcon.plugins._triton"),  # a5-plugins: remove after merge
-    ("plugins/ssd.py", "trtfalcon.plugins._triton"),  # a5-plugins: remove after merge
-    ("tests/plugins/test_attention.py", "trtfalcon.plugins._triton"),  # a5-plugins: remove after merge
-    ("trtfalcon/runtime/executors/torch.py", "trtfalcon.plugins._triton"),  # a5-plugins: remove after merge
-}
+# else may be added, and the test fails on an entry nothing needs any more. None today.
+ALLOWED_PRIVATE: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)

@@ -245,7 +245,7 @@ def test_runtime_plugin_from_the_engine_launches_its_kernel(engines, monkeypatch
     import numpy as np
 
     import trtfalcon.plugins.cuda_driver as cuda_driver
-    from trtfalcon.plugins.spec import OPS
+    from trtfalcon.plugins.ops import OPS
     from trtfalcon.plugins.tensorrt_rtx import KERNEL_FIELD, PTX_FIELD, creators, register_rtx_plugins
     from trtfalcon.tensorrt_import import import_tensorrt
 

@@ -12,9 +12,10 @@ from onnx import AttributeProto, TensorProto
 from trtfalcon.export import DATA_FILE, MANIFEST_FILE, MODEL_FILE
 from trtfalcon.export.onnx import plugin_node_attrs
 from trtfalcon.checkpoint.deploy_reader import open_deploy_checkpoint
-from trtfalcon.plugins.spec import DOMAIN, OPS
+from trtfalcon.plugins.ops import OPS
+from trtfalcon.plugins.spec import DOMAIN
 from trtfalcon.runtime.contract import STEP_INPUTS, STEP_OUTPUTS, CacheSpec, cache_names, cache_output_name
-from trtfalcon.runtime.executors.onnxruntime import PluginKernel, ref_arguments
+from trtfalcon.runtime.executors.onnxruntime import PluginKernel
 
 ONNX_OF = {torch.int32: TensorProto.INT32, torch.float32: TensorProto.FLOAT}
 TRT_ATTRS = {"plugin_namespace", "aot"}
@@ -113,7 +114,7 @@ def test_readable_names_and_external_weights(exported):
 
 @pytest.mark.parametrize("op_name", sorted(OPS))
 def test_custom_op_binding_inverts_the_spec(exported, op_name):
-    """ref_arguments (graph node -> reference call) is the inverse of the spec's bind (reference call -> node)."""
+    """OpSpec.ref_arguments (graph node -> reference call) is the inverse of OpSpec.bind (reference call -> node)."""
     _, model = exported
     op = OPS[op_name]
     node = next(n for n in model.graph.node if n.domain == DOMAIN and n.op_type == op.name)
@@ -121,7 +122,7 @@ def test_custom_op_binding_inverts_the_spec(exported, op_name):
     attrs = kernel.attributes({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
     assert attrs == {**op.attr_defaults(), **attrs} and set(attrs) == {a.name for a in op.attributes}
     tensors = {i.name: torch.zeros((1,) * len(i.shape)) for i in op.inputs}  # of each input's rank (scales: ())
-    bound_tensors, bound_attrs = op.bind(**ref_arguments(op, tensors, attrs))
+    bound_tensors, bound_attrs = op.bind(**op.ref_arguments(tensors, attrs))
     for name, t in tensors.items():
         absent = name == "weight" and op.name == "gated_rms_norm" and not attrs["has_norm"]
         assert bound_tensors[name] is (None if absent else t)

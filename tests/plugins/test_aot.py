@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("triton")
 
 from trtfalcon.plugins.aot import REPORT_COLUMNS, report_rows, spilling  # noqa: E402
-from trtfalcon.plugins.spec import OPS  # noqa: E402
+from trtfalcon.plugins.ops import OPS  # noqa: E402
 
 
 @pytest.fixture(scope="module")

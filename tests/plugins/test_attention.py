@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from trtfalcon.plugins._triton import tl, to_fp8e4m3, triton
-from trtfalcon.plugins.attention import paged_attention_ref
+from trtfalcon.plugins.triton_lang import tl, to_fp8e4m3, triton
+from trtfalcon.plugins.attention import PAGED_ATTENTION, paged_attention_ref
 from trtfalcon.plugins.ops import get_ops
-from trtfalcon.plugins.spec import PAGED_ATTENTION, launch
+from trtfalcon.plugins.spec import launch
 
 from plugin_helpers import TOL, ragged
 
@@ -89,7 +89,7 @@ def _fp8_round_trip(x_ptr, c_ptr, y_ptr, N: tl.constexpr):
 
 
 def test_interpreted_fp8_conversion_is_exact():
-    """The kernels' fp32 -> E4M3 conversion (plugins/_triton.py to_fp8e4m3) against torch (= quantize_fp8) on every
+    """The kernels' fp32 -> E4M3 conversion (plugins/triton_lang.py to_fp8e4m3) against torch (= quantize_fp8) on every
     finite E4M3 value, every midpoint between neighbours (ties to even), just either side of them, subnormals,
     -0.0 and saturation; and E4M3 -> fp32 reading, bit for bit. Triton 3.9's interpreter gets its own float8
     conversion wrong (ties away from zero; -124 -> -64), which is why the kernel does not use it there."""

@@ -18,7 +18,7 @@ from trtfalcon.engine.build import engine_kernel_selection  # noqa: E402
 from trtfalcon.engine.config import load_build_config  # noqa: E402
 from trtfalcon.errors import ConfigError  # noqa: E402
 from trtfalcon.plugins.aot import KernelSelection, compile_all, configurations  # noqa: E402
-from trtfalcon.plugins.spec import OPS  # noqa: E402
+from trtfalcon.plugins.ops import OPS  # noqa: E402
 
 ROOT = Path(__file__).parents[2]
 SHIPPED = sorted((ROOT / "build_configs").glob("*.yaml"))

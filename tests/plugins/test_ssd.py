@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from trtfalcon.plugins.ops import get_ops
-from trtfalcon.plugins.ssd import dt_transform, ssd_chunked_ref, ssd_recurrent_ref, ssd_varlen_ref
+from trtfalcon.plugins.ssd import SSD, dt_transform, ssd_chunked_ref, ssd_recurrent_ref, ssd_varlen_ref
 
-from plugin_helpers import TOL, ragged
+from plugin_helpers import TOL, ragged, scaled_tol
 
 TRITON = get_ops("triton")
 
@@ -21,18 +21,11 @@ def make_inputs(n, H, P, G, N, dtype, num_slots=6, state_dtype=torch.float32):
     return x, dt, A, B, C, D, dt_bias, state
 
 
-def scaled_tol(dtype, ref):
-    """Tolerances relative to the output's magnitude (SSD outputs grow with the state)."""
-    t = TOL[dtype]
-    scale = max(1.0, ref.float().abs().max().item())
-    return dict(atol=t["atol"] * scale, rtol=t["rtol"])
-
-
 def run_both(kernel, inputs, cu, ctx, slots, chunk_size, dt_limit):
     x, dt, A, B, C, D, dt_bias, state = inputs
     s_ref, s_tri = state.clone(), state.clone()
     y_ref = ssd_varlen_ref(x, dt, A, B, C, D, dt_bias, s_ref, cu, ctx, slots, chunk_size, dt_limit)
-    from trtfalcon.plugins.spec import SSD, launch
+    from trtfalcon.plugins.spec import launch
 
     y_tri = launch(SSD, x, dt, A, B, C, D, dt_bias, s_tri, cu, ctx, slots, chunk_size, dt_limit, kernel=kernel)
     return y_ref, y_tri, s_ref, s_tri
@@ -84,7 +77,7 @@ def test_ssd_7b_shapes_against_loop(kernel):
     x, dt, A, B, C, D, dt_bias, state = make_inputs(sum(lens), H, P, G, N, torch.bfloat16, num_slots=2)
     cu, ctx_t, slots_t = ragged(lens, ctx, slots)
     s_tri = state.clone()
-    from trtfalcon.plugins.spec import SSD, launch
+    from trtfalcon.plugins.spec import launch
 
     y_tri = launch(SSD, x, dt, A, B, C, D, dt_bias, s_tri, cu, ctx_t, slots_t, 256, kernel=kernel)
     dtt = dt_transform(dt, dt_bias, (0.0, float("inf")))
@@ -127,3 +120,71 @@ def test_ssd_prefill_then_decode_equals_one_prefill():
                                 *ragged([1], [i]), 16))
     torch.testing.assert_close(torch.cat(parts), y_full, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(pool, full, atol=1e-4, rtol=1e-4)
+
+
+# ---- corners (issue 15): each test failed before its fix ----------------------------------------------------------
+@pytest.mark.parametrize("kernel", ["chunked", "recurrent"])
+@pytest.mark.parametrize("dt_limit", [(0.0, 0.0), (0.5, 0.5), (0.0, 1e-3)])
+def test_ssd_upper_time_step_limit_of_zero_is_a_limit(kernel, dt_limit):
+    """time_step_limit [0, 0] passes the config check and transformers clamps dt into it (dt = 0: the state never
+    moves, y = C.S + D x). The kernels used to read an upper limit of 0 as 'no limit' (relative error ~1)."""
+    lens, ctx, slots = [20, 1], [0, 5], [1, 0]
+    inputs = make_inputs(sum(lens), 4, 8, 2, 16, torch.float32)
+    cu, ctx_t, slots_t = ragged(lens, ctx, slots)
+    y_ref, y_tri, s_ref, s_tri = run_both(kernel, inputs, cu, ctx_t, slots_t, 16, dt_limit)
+    torch.testing.assert_close(y_tri, y_ref, **scaled_tol(torch.float32, y_ref))
+    torch.testing.assert_close(s_tri, s_ref, **scaled_tol(torch.float32, s_ref))
+
+
+@pytest.mark.parametrize("limit,has_max", [((0.0, 0.0), True), ((0.0, float("inf")), False), ((0.5, 0.5), True)])
+def test_upper_time_step_limit_reaches_the_kernel_through_every_format(limit, has_max):
+    """The upper limit travels as the attribute dt_max (+inf = none) in the ONNX node and the TensorRT plugin
+    fields (float32: 0 and inf survive), and becomes the kernels' explicit HAS_DT_MAX flag: 0 is a limit."""
+    import onnx
+
+    from trtfalcon.export.onnx import plugin_node_attrs
+    from trtfalcon.plugins.spec import KernelContext
+    from trtfalcon.runtime.executors.onnxruntime import PluginKernel
+
+    node = onnx.helper.make_node("ssd", [], [], domain="trtfalcon",
+                                 **plugin_node_attrs(SSD, dict(chunk_size=256, dt_min=limit[0], dt_max=limit[1])))
+    raw = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = PluginKernel(SSD, SSD.ref).attributes(raw)  # what onnxruntime's op and TensorRT's plugin fields get
+    assert attrs["dt_max"] == limit[1]
+    assert SSD.ref_arguments({i.name: None for i in SSD.inputs}, attrs)["dt_limit"] == limit
+    dims = dict(x=(1, 4, 8), B=(1, 2, 16))
+    for ks in SSD.kernels:
+        c = ks.constexprs(KernelContext(attrs, {}, {"D": True}, lambda t, a: dims[t][a]))
+        assert c["HAS_DT_MAX"] is has_max and (not has_max or c["DT_MAX"] == limit[1])
+
+
+@pytest.mark.parametrize("kernel", ["chunked", "recurrent"])
+def test_ssd_softplus_is_stable_for_large_negative_inputs(kernel):
+    """dt_raw + dt_bias down to -30: softplus is exp(x) there (torch's log1p form); log(1 + exp(x)) rounds 1 + e
+    (17% off at -15) and is 0 below -16.6, which stopped the state from taking any input."""
+    n, H, P, G, N = 6, 4, 8, 1, 16
+    x, _, A, B, C, _, _, state = make_inputs(n, H, P, G, N, torch.float32)
+    dt = torch.tensor([-4.0, -9.0, -15.0, -17.0, -22.0, -30.0])[:, None].expand(n, H).contiguous()
+    dt_bias = torch.zeros(H)
+    for lens in ([n], [1] * n):
+        cu, ctx_t, slots_t = ragged(lens, [0] * len(lens))
+        y_ref, y_tri, s_ref, s_tri = run_both(kernel, (x, dt, A, B, C, None, dt_bias, state), cu, ctx_t, slots_t,
+                                              16, (0.0, float("inf")))
+        assert (y_ref != 0).all()
+        torch.testing.assert_close(y_tri, y_ref, rtol=2e-5, atol=0.0)  # relative, however small the values
+        torch.testing.assert_close(s_tri, s_ref, rtol=2e-5, atol=0.0)
+
+
+def test_ssd_chunk_state_carries_the_decay_its_outputs_use():
+    """At extreme dt (dt_bias 60, A -12: decays of e^-720 per token) the state a chunk hands on must be the one its
+    own last output reads: y_last = C_last . S_next. The kernel used to take the chunk's total decay from a
+    separate sum instead of the running sum's last element; the two orders disagree by ~1e-4 there."""
+    n, H, P, G, N = 16, 4, 8, 1, 16
+    x, dt, A, B, C, _, _, state = make_inputs(n, H, P, G, N, torch.float32)
+    A = -torch.tensor([11.7, 12.3, 9.1, 12.9])
+    dt_bias = torch.tensor([61.3, 57.9, 63.1, 59.4])
+    dt = torch.rand(n, H) * 3.0
+    pool = state.clone()
+    y = TRITON.ssd(x, dt, A, B, C, None, dt_bias, pool, *ragged([n], [0], [0]), 16)
+    y_from_state = torch.einsum("hpn,hn->hp", pool[0], C[-1].repeat_interleave(H // G, dim=0))
+    torch.testing.assert_close(y[-1], y_from_state, rtol=1e-6, atol=1e-6 * y[-1].abs().max().item())

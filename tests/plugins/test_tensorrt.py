@@ -8,7 +8,7 @@ import torch
 
 from trtfalcon.errors import MissingDependencyError
 from trtfalcon.plugins import tensorrt as trt_plugins
-from trtfalcon.plugins.spec import OPS
+from trtfalcon.plugins.ops import OPS
 
 
 def test_missing_tensorrt_raises_clear_error():

@@ -57,9 +57,8 @@ from trtfalcon.checkpoint.safetensors_io import atomic_output_dir, check_output_
 from trtfalcon.config import FalconH1Config
 from trtfalcon.dtypes import FLOAT_NAMES, KV_CACHE_NAMES, lookup
 from trtfalcon.errors import CheckpointError, ConfigError, MissingDependencyError
-from trtfalcon.plugins.spec import (
-    CAUSAL_CONV1D, DOMAIN, GATED_RMS_NORM, OP_VERSION, PAGED_ATTENTION, SSD, OpSpec, dtype_name,
-)
+from trtfalcon.plugins.ops import CAUSAL_CONV1D, GATED_RMS_NORM, PAGED_ATTENTION, SSD
+from trtfalcon.plugins.spec import DOMAIN, OP_VERSION, OpSpec, dtype_name
 from trtfalcon.runtime.contract import STEP_INPUTS, STEP_OUTPUTS, cache_names, cache_output_name
 
 try:

@@ -1,11 +1,11 @@
 """FP8 linears as FP8 GEMMs (torch._scaled_mm) instead of fake quantization: what the torch executor runs on a GPU.
 
-The deploy format (quantize/fp8_format.py) stores, per FP8 linear X: X.weight E4M3 (N, K), X.weight_scale fp32 (N,)
+The FP8 deploy format (checkpoint/deploy_fp8.py) stores, per FP8 linear X: X.weight E4M3 (N, K), X.weight_scale fp32 (N,)
 per output row, X.input_scale fp32 () per tensor. The GEMM computes
 
     y[m, n] = sum_k fp8(x[m, k] / input_scale) * weight[n, k]  *  input_scale * weight_scale[n]
 
-which is the fake-quantized linear's value (fp8_format's semantics) without rounding the dequantized operands to
+which is the fake-quantized linear's value (deploy_fp8's semantics) without rounding the dequantized operands to
 the compute dtype. torch._scaled_mm takes either both scales per tensor or both row-wise, so the per-tensor
 activation scale is folded into the weight's row scales once (scale_b = input_scale * weight_scale) and scale_a is
 a column of ones.

@@ -5,7 +5,7 @@ target device with synth.py's initialisation (fan-in scaled linears, Mamba2's A_
 model's activations stay O(1) through its layers, as they do in `trtfalcon synth` checkpoints. The config's muP
 multipliers are dropped (a deploy checkpoint has them folded in, and random values have nothing to fold).
 
-FP8 (the deploy format of quantize/fp8_format.py): every quantized linear gets its E4M3 weight with a per-row
+FP8 (the deploy format of checkpoint/deploy_fp8.py): every quantized linear gets its E4M3 weight with a per-row
 weight_scale (row amax / 448) and a per-tensor input_scale; the FP8 KV cache gets per-layer k/v scales. Those input
 and KV scales are not calibrated: ACTIVATION_AMAX is the |x| they are sized for, a round figure above what the
 random model's normed activations reach (about 5), so nothing saturates.

@@ -49,7 +49,8 @@ def cache_names(num_layers: int) -> list[str]:
 
 def cache_output_name(pool: str) -> str:
     """The graph output aliasing pool `pool` (kv_cache.3 -> kv_cache_out.3): the same memory after the step, as
-    the plugin outputs it aliases are named in plugins/spec.py (kv_cache_out, conv_state_out, ssm_state_out)."""
+    the plugin outputs it aliases are named in each op's declaration (plugins/ops.py OPS: kv_cache_out,
+    conv_state_out, ssm_state_out)."""
     kind, layer = pool.split(".")
     return f"{kind}_out.{layer}"
 

@@ -2,9 +2,10 @@
 
 Every standard node (Gather, Gemm, FP8 QuantizeLinear/DequantizeLinear, the RMSNorm and RoPE arithmetic, ...) runs
 in onnxruntime. The `trtfalcon` plugin nodes, which onnxruntime does not know, run as custom ops generated from
-their declarations in plugins/spec.py: `PluginKernel` binds a node's inputs by the spec's input order, its
+their declarations (plugins/ops.py `OPS`): `PluginKernel` binds a node's inputs by the spec's input order, its
 attributes by the spec's attribute types, and calls the op's vectorized torch implementation (plugins/ops.py,
-`get_ops("torch")`) with the reference's signature; the spec's aliases say which outputs ARE their inputs.
+`get_ops("torch")`) with the reference's arguments (`OpSpec.ref_arguments`); the spec's aliases say which outputs
+ARE their inputs.
 
 How the custom ops are hosted, and why not inside an onnxruntime session: onnxruntime's only Python custom-op
 route (onnxruntime-extensions' PyOp, domain fixed to "ai.onnx.contrib") copies every input into a new numpy array
@@ -23,7 +24,6 @@ checked on every step (the same binding a TensorRT engine gets: input and aliase
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +33,8 @@ import torch
 
 from trtfalcon.dtypes import FLOAT_NAMES, KV_CACHE_NAMES, lookup
 from trtfalcon.errors import CheckpointError, MissingDependencyError, TrtFalconError
-from trtfalcon.plugins.ops import get_ops
-from trtfalcon.plugins.spec import DOMAIN, OPS, OpSpec
+from trtfalcon.plugins.ops import OPS, get_ops
+from trtfalcon.plugins.spec import DOMAIN, OpSpec
 from trtfalcon.runtime.contract import CacheSpec, StepBatch, cache_names, cache_output_name
 from trtfalcon.runtime.executors.base import TorchPools
 
@@ -52,31 +52,6 @@ def _import_ort():
 
 # --------------------------------------------------------------------------------------------------------------
 # Plugin nodes as custom ops, derived from the spec
-
-
-def ref_arguments(op: OpSpec, tensors: dict[str, torch.Tensor], attrs: dict[str, Any]) -> dict[str, Any]:
-    """The reference's keyword arguments for a graph node's inputs and attributes: the inverse of `op.bind`.
-
-    Inputs and attributes pass by name. Where the reference's signature differs from the graph's (plugins/spec.py
-    `_bind_*`), the graph convention is undone: dt_limit from (dt_min, dt_max); a dtype attribute (str) to a torch
-    dtype; has_norm=0 -> no weight (gate only); scale 0 -> None (head_dim ** -0.5). tests/export checks that
-    `op.bind(**ref_arguments(...))` gives the node's tensors and attributes back, so a spec change is caught."""
-    kwargs: dict[str, Any] = {}
-    for p in inspect.signature(op.ref).parameters:
-        if p in tensors:
-            kwargs[p] = tensors[p]
-        elif p == "dt_limit":
-            kwargs[p] = (attrs["dt_min"], attrs["dt_max"])
-        elif p in attrs:
-            v = attrs[p]
-            kwargs[p] = lookup(v, "long").torch if p.endswith("dtype") else v
-        else:
-            raise TrtFalconError(f"internal: {op.name}'s reference parameter {p!r} has no graph input or attribute")
-    if attrs.get("has_norm") is False:
-        kwargs["weight"] = None
-    if "scale" in kwargs and not kwargs["scale"]:
-        kwargs["scale"] = None
-    return kwargs
 
 
 @dataclass(frozen=True)
@@ -98,7 +73,7 @@ class PluginKernel:
 
     def __call__(self, inputs: list[torch.Tensor], attrs: dict[str, Any]) -> list[torch.Tensor]:
         tensors = {arg.name: t for arg, t in zip(self.op.inputs, inputs)}
-        result = self.fn(**ref_arguments(self.op, tensors, attrs))
+        result = self.fn(**self.op.ref_arguments(tensors, attrs))
         results = iter(result if isinstance(result, tuple) else (result,))
         return [tensors[o.alias] if o.alias else next(results) for o in self.op.outputs]
 
@@ -188,7 +163,7 @@ class GraphProgram:
             segment = []
             if n.op_type not in kernels:
                 raise CheckpointError(f"{model_path}: node {n.name} has op type {DOMAIN}::{n.op_type}, which no "
-                                      f"plugin declares (plugins/spec.py has {sorted(kernels)})")
+                                      f"plugin declares (plugins/ops.py OPS has {sorted(kernels)})")
             kernel = kernels[n.op_type]
             for i in n.input:
                 if i in inits and i not in self.constants:

@@ -52,7 +52,7 @@ def resolve_kernels(kernels: str, device: torch.device) -> str:
     if kernels == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if kernels == "triton" and device.type == "cpu":
-        from trtfalcon.plugins._triton import INTERPRETING
+        from trtfalcon.plugins.triton_lang import INTERPRETING
 
         if not INTERPRETING:  # Triton decides interpreter vs compiler when it is first imported
             raise MissingDependencyError(

@@ -1,4 +1,5 @@
-"""Triton, imported once for every kernel module, so that the torch references import without it.
+"""Triton's language for the kernel modules, imported once, here, so that the torch references import without it;
+the interpreter switch (INTERPRETING) and the @triton.jit helpers the kernels share.
 
 triton is an optional dependency (extra `kernels`). Where it is missing, `triton.jit` still decorates (the
 kernels are defined beside their references either way) but launching or compiling a kernel raises
@@ -49,7 +50,7 @@ try:
 
     @triton.jit
     def to_fp8e4m3(x):
-        """fp32 x, already within [-448, 448] -> tl.float8e4nv, round to nearest even (fp8_format.quantize_fp8).
+        """fp32 x, already within [-448, 448] -> tl.float8e4nv, round to nearest even (checkpoint/deploy_fp8.py quantize_fp8).
 
         On the GPU the hardware conversion (sm_89+: cvt.rn.satfinite.e4m3x2.f32). Triton 3.9's interpreter
         converts to float8 wrongly (ties away from zero, and a mantissa carry drops the value to half: -124 -> -64,
