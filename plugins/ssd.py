@@ -195,7 +195,9 @@ def _dt_transform(dt_raw, dt_bias, DT_MIN: tl.constexpr, HAS_DT_MAX: tl.constexp
         dt = tl.maximum(dt, DT_MIN)
     if HAS_DT_MAX:
         dt = tl.minimum(dt, DT_MAX)
-    return dt
+    # fp32 whatever the clamps did: Triton 3.6's interpreter widens a tensor compared with a float constexpr to fp64,
+    # which tl.dot then refuses beside fp32 operands (a no-op when compiled)
+    return dt.to(tl.float32)
 
 
 @triton.jit
