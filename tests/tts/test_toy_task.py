@@ -70,3 +70,23 @@ def test_training_batch_supervises_the_completion_only():
     assert (labels[0, len(full) - 1:] == -100).all()
     assert labels[1][labels[1] != -100].tolist()[-1] == EOS_ID
     assert ids.dtype == labels.dtype == torch.long
+
+
+def test_training_lowers_the_completion_loss_from_the_seed():
+    """A few steps of the real loop on a small config: loss on held-out traces falls well below its start, and the
+    same seed gives the same model."""
+    from trtfalcon.tts.toy_train import TrainConfig, build_model, completion_loss, toy_config_dict, train
+
+    cfg = TrainConfig(steps=30, batch_size=16, lr=1e-2, warmup_steps=5, model=toy_config_dict(32, 2, 64))
+    ids, labels = make_batch(held_out_problems(16))
+    with torch.no_grad():
+        before = float(completion_loss(build_model(cfg).eval(), ids, labels))
+    logs: list[str] = []
+    evals: list[int] = []
+    model = train(cfg, on_eval=lambda step, m: evals.append(step), eval_every=20, log=logs.append)
+    with torch.no_grad():
+        after = float(completion_loss(model, ids, labels))
+    assert after < 0.75 * before, (before, after)
+    assert evals == [20, 30] and logs[-1].startswith("step 30/30")
+    again = train(cfg, log=lambda s: None)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
