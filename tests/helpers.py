@@ -91,6 +91,58 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     return out
 
 
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every *.safetensors file in a directory, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
+
+
+# The Linears of one HF Falcon-H1 layer that ModelOpt's FP8 config quantizes (conv1d and lm_head stay dense).
+HF_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mamba.in_proj",
+              "mamba.out_proj", "feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.down_proj")
+
+
+def fake_quant_e4m3(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """E4M3 quantize-dequantize, written here independently of trtfalcon.checkpoint.deploy_fp8."""
+    return (x / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(torch.float32) * s
+
+
+def hf_fake_quant_model(src: Path, fp8_dir: Path):
+    """transformers' FalconH1 (multipliers NOT folded) whose Linears compute fq(x, input_scale) @ (W8 * ws).T with
+    the FP8 checkpoint's tensors: the computation the folded FP8 deploy graph must reproduce. Every Linear of
+    HF_LINEARS in every layer must be quantized in fp8_dir."""
+    import torch.nn.functional as F
+
+    model, t = hf_model(src), read_safetensors(fp8_dir)
+    n = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and f"{name}.input_scale" in t:
+            mod.weight.data = t[f"{name}.weight"].float() * t[f"{name}.weight_scale"].float()
+            mod.forward = lambda x, m=mod, s=t[f"{name}.input_scale"].float(): F.linear(fake_quant_e4m3(x, s), m.weight,
+                                                                                        m.bias)
+            n += 1
+    assert n == model.config.num_hidden_layers * len(HF_LINEARS), n
+    return model
+
+
+def read_accuracy_report(quant_dir: Path, holdout_samples: int) -> dict:
+    """quantize's accuracy.json, checked for what every report has: measured on `holdout_samples` held-out samples
+    of real text, every figure a finite number."""
+    import json
+
+    r = json.loads((Path(quant_dir) / "accuracy.json").read_text())
+    assert r["eval"] == {**r["eval"], "split": "holdout", "samples": holdout_samples, "synthetic": False}, r["eval"]
+    for k in ("logit_max_abs_err", "logit_mean_abs_err", "logit_rel_rms_err", "top1_agreement", "kl_mean",
+              "perplexity_source", "perplexity_quantized", "perplexity_ratio"):
+        assert math.isfinite(r[k]), k
+    return r
+
+
 def run_cli(*args, ok: bool = True):
     """Invoke the trtfalcon CLI in-process; ok=False expects a failure with a clean message, no traceback."""
     from click.testing import CliRunner

@@ -18,16 +18,7 @@ from trtfalcon.config import FalconH1Config, preset_dict
 from trtfalcon.errors import CheckpointError, ConfigError
 from trtfalcon.model.reference import ReferenceModel
 from trtfalcon.model.weights import fold_hf, load_weights
-from helpers import hf_logits, hf_model
-
-
-def _read_all(directory):
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as fh:
-            for k in fh.keys():
-                out[k] = fh.get_tensor(k)
-    return out
+from helpers import hf_logits, hf_model, read_safetensors
 
 
 def _leftovers(parent, name):
@@ -42,7 +33,7 @@ def test_converted_checkpoint_matches_transformers_and_in_memory_fold(hf_checkpo
     assert all(cfg[k] == 1.0 for k in ("embedding_multiplier", "lm_head_multiplier", "key_multiplier"))
     assert cfg["ssm_multipliers"] == [1.0] * 5 and cfg["mlp_multipliers"] == [1.0, 1.0]
     assert (out / "model.safetensors.index.json").is_file()  # sharded: 20 kB shards
-    written = _read_all(out)
+    written = read_safetensors(out)
     expected_shapes = deploy_tensor_shapes(FalconH1Config.from_json_file(src))
     assert {k: tuple(v.shape) for k, v in written.items()} == expected_shapes
     assert all(written[k].dtype == torch.float32 for k in written if k.endswith(("A_log", ".D", "dt_bias")))
@@ -58,7 +49,7 @@ def test_converted_checkpoint_matches_transformers_and_in_memory_fold(hf_checkpo
 def test_fold_formulas_on_one_layer(tiny_hf):
     """The folds of ../shared/reference/falcon-h1.md, checked tensor by tensor against the HF weights."""
     cfg = FalconH1Config.from_json_file(tiny_hf)
-    hf = _read_all(tiny_hf)
+    hf = read_safetensors(tiny_hf)
     d = fold_hf(tiny_hf, "fp32").tensors
     p = "model.layers.1"
     q, k, v = d["layers.1.attn.qkv_proj.weight"].split([cfg.q_size, cfg.kv_size, cfg.kv_size])
@@ -80,7 +71,7 @@ def test_fold_formulas_on_one_layer(tiny_hf):
 
 def test_bf16_conversion_casts_once_after_folding_in_fp32(tiny_hf, tmp_path):
     out = convert_checkpoint(tiny_hf, tmp_path / "d", dtype="bf16")
-    w = _read_all(out)
+    w = read_safetensors(out)
     ref = fold_hf(tiny_hf, "fp32").tensors
     assert w["layers.0.mamba.in_proj.weight"].dtype == torch.bfloat16
     assert torch.equal(w["layers.0.mamba.in_proj.weight"], ref["layers.0.mamba.in_proj.weight"].to(torch.bfloat16))
@@ -93,8 +84,8 @@ def test_single_file_and_sharded_inputs_give_identical_outputs(tmp_path):
     synth_checkpoint(cfg, tmp_path / "many", dtype="fp32", seed=3, max_shard_bytes=30_000)
     assert (tmp_path / "one" / "model.safetensors").is_file()
     assert len(list((tmp_path / "many").glob("*.safetensors"))) > 3
-    a = _read_all(convert_checkpoint(tmp_path / "one", tmp_path / "d1", dtype="fp32"))
-    b = _read_all(convert_checkpoint(tmp_path / "many", tmp_path / "d2", dtype="fp32"))
+    a = read_safetensors(convert_checkpoint(tmp_path / "one", tmp_path / "d1", dtype="fp32"))
+    b = read_safetensors(convert_checkpoint(tmp_path / "many", tmp_path / "d2", dtype="fp32"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -103,7 +94,7 @@ def test_synth_is_loadable_by_transformers_and_deterministic(tmp_path):
     synth_checkpoint(cfg, tmp_path / "a", dtype="bf16", seed=7)
     synth_checkpoint(cfg, tmp_path / "b", dtype="bf16", seed=7, max_shard_bytes=25_000)
     synth_checkpoint(cfg, tmp_path / "c", dtype="bf16", seed=8)
-    a, b, c = (_read_all(tmp_path / x) for x in "abc")
+    a, b, c = (read_safetensors(tmp_path / x) for x in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["lm_head.weight"], c["lm_head.weight"])
     model = hf_model(tmp_path / "a")  # transformers reads what synth writes, with no missing tensor
@@ -225,7 +216,7 @@ def test_planner_table_refuses_an_unknown_quantization_and_one_entry_adds_a_form
     assert json.loads((out / "config.json").read_text())["trtfalcon"]["quantization"] == {"quant_algo": "NVFP4"}
     with safe_open(out / "model.safetensors", framework="pt") as f:
         assert f.metadata()["quantization"] == "NVFP4"
-    written, in_memory = _read_all(out), load_weights(src).tensors
+    written, in_memory = read_safetensors(out), load_weights(src).tensors
     assert written.keys() == in_memory.keys() and all(torch.equal(written[k], in_memory[k]) for k in written)
 
 
@@ -254,9 +245,9 @@ def test_existing_output_needs_overwrite(tiny_hf, tmp_path):
     out = convert_checkpoint(tiny_hf, tmp_path / "out", dtype="fp32")
     with pytest.raises(CheckpointError, match="already exists"):
         convert_checkpoint(tiny_hf, out)
-    before = _read_all(out)["lm_head.weight"]
+    before = read_safetensors(out)["lm_head.weight"]
     convert_checkpoint(tiny_hf, out, dtype="bf16", overwrite=True)
-    assert _read_all(out)["lm_head.weight"].dtype == torch.bfloat16 != before.dtype
+    assert read_safetensors(out)["lm_head.weight"].dtype == torch.bfloat16 != before.dtype
 
 
 def test_synth_bad_preset_and_dtype(tmp_path):

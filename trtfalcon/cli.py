@@ -155,34 +155,50 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str, max_shard_size: str, overwr
               help="Samples (the file's last ones) held out of calibration for the accuracy report's perplexity.")
 @click.option("--conservative", is_flag=True, help="Keep the Mamba in_proj/out_proj in bf16 too (FP8 attention and MLP only).")
 @click.option("--no-accuracy", is_flag=True, help="Skip the accuracy report against the source checkpoint.")
+@click.option("--accuracy-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="Compute dtype of both sides of the accuracy report: fp32 measures the quantization alone, bf16 "
+                   "a bf16 deployment against an FP8 one.")
+@click.option("--task", type=click.Choice(["toy-multiplication"]), default=None,
+              help="Also compare task accuracy, each checkpoint converted and run by the runtime: toy-multiplication "
+                   "= greedy answers of a model trained on trtfalcon's toy task (tests/data/toy-reasoner).")
+@click.option("--task-problems", default=200, show_default=True, type=click.IntRange(min=1),
+              help="Held-out problems --task scores.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where calibration runs: auto = CUDA when a GPU is visible, else CPU.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the synthetic calibration ids.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only after the new one is complete).")
 @handle_errors
 def quantize(hf_dir: Path, out_dir: Path, fmt: str, kv_cache_dtype: str | None, calib_data: Path | None,
-             calib_size: int, calib_seq_len: int, holdout: int, conservative: bool, no_accuracy: bool, device: str,
-             seed: int,
+             calib_size: int, calib_seq_len: int, holdout: int, conservative: bool, no_accuracy: bool,
+             accuracy_dtype: str, task: str | None, task_problems: int, device: str, seed: int,
              overwrite: bool) -> None:
     """Quantize a Hugging Face Falcon-H1 checkpoint to FP8 with NVIDIA ModelOpt (runs on CPU).
 
     Writes a ModelOpt unified HF checkpoint (FP8 weights + weight_scale + input_scale per Linear, k/v scales,
     hf_quant_config.json), the format vLLM, SGLang and TensorRT-LLM read, which `trtfalcon convert` turns into an
     FP8 deploy checkpoint. The Mamba conv1d, lm_head, embeddings and norms stay unquantized. Then compares the result
-    with the source on held-out samples (top-1 agreement, logit error, KL, perplexity): printed and saved as
-    OUT_DIR/accuracy.json. Needs `pip install 'trtfalcon[quant]'`. Written atomically.
+    with the source on held-out samples (top-1 agreement, logit error, KL, perplexity; with --task, task accuracy):
+    printed and saved as OUT_DIR/accuracy.json. Needs `pip install 'trtfalcon[quant]'`. Written atomically.
 
     \b
     Examples:
       trtfalcon quantize runs/tiny-hf runs/tiny-fp8 --calib-size 16 --calib-seq-len 128
       trtfalcon quantize Falcon-H1R-7B runs/7b-fp8 --kv-cache-dtype fp8 --calib-data calib.jsonl --calib-size 256
+      trtfalcon quantize tests/data/toy-reasoner runs/toy-fp8 --calib-data tests/data/toy-calib.jsonl \
+          --calib-size 64 --holdout 16 --task toy-multiplication --accuracy-dtype bf16
     """
     from trtfalcon.quantize.accuracy import format_report
     from trtfalcon.quantize.fp8 import quantize_fp8
 
+    task_eval = None
+    if task == "toy-multiplication":
+        from trtfalcon.tts.toy_eval import ToyTaskEvaluator
+
+        task_eval = ToyTaskEvaluator(task_problems)
     r = quantize_fp8(hf_dir, out_dir, kv_cache_dtype=kv_cache_dtype, calib_data=calib_data, calib_size=calib_size,
                      calib_seq_len=calib_seq_len, holdout=holdout, seed=seed, conservative=conservative,
-                     accuracy=not no_accuracy, device=device, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
+                     accuracy=not no_accuracy, accuracy_dtype=accuracy_dtype, task=task_eval, device=device,
+                     overwrite=overwrite, log=lambda m: click.echo(m, err=True))
     if r.calibration["synthetic"]:
         click.secho("note: calibrated on SYNTHETIC token ids (no --calib-data): fine for a smoke test, "
                     "not for deployment", fg="yellow", err=True)

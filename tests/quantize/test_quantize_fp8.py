@@ -1,14 +1,11 @@
 """FP8: ModelOpt calibration -> unified HF checkpoint -> deploy checkpoint -> torch executor, each step checked."""
 
 import json
-import math
 import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from trtfalcon.checkpoint.convert import convert_checkpoint
@@ -20,38 +17,7 @@ from trtfalcon.quantize.calibration import CalibrationDataError, load_calibratio
 from trtfalcon.quantize.fp8 import quantize_fp8
 from trtfalcon.runtime.contract import StepBatch
 from trtfalcon.runtime.executors.torch import TorchExecutor
-from helpers import hf_model
-
-HF_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mamba.in_proj",
-              "mamba.out_proj", "feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.down_proj")
-
-
-def _read(directory):
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
-
-
-def _fake_quant(x, s):
-    """E4M3 quantize-dequantize, written here independently of trtfalcon.checkpoint.deploy_fp8."""
-    return (x / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(torch.float32) * s
-
-
-def _hf_fake_quant_model(src, fp8_dir):
-    """transformers' FalconH1 (multipliers NOT folded) whose Linears compute fq(x, input_scale) @ (W8 * ws).T with
-    the FP8 checkpoint's tensors: the computation the folded FP8 deploy graph must reproduce."""
-    model, t = hf_model(src), _read(fp8_dir)
-    n = 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and f"{name}.input_scale" in t:
-            mod.weight.data = t[f"{name}.weight"].float() * t[f"{name}.weight_scale"].float()
-            mod.forward = lambda x, m=mod, s=t[f"{name}.input_scale"].float(): F.linear(_fake_quant(x, s), m.weight, m.bias)
-            n += 1
-    assert n == 2 * len(HF_LINEARS)
-    return model
-
+from helpers import HF_LINEARS, hf_fake_quant_model, hf_model, read_accuracy_report, read_safetensors
 
 def _prefill_batch(prompts, max_blocks, block_size):
     ids = [t for p in prompts for t in p]
@@ -79,7 +45,7 @@ def test_unified_checkpoint_tensors_dtypes_and_files(fp8_hf, tok_hf):
     cfg = json.loads((fp8_hf / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "modelopt"
     assert (fp8_hf / "tokenizer.json").is_file()
-    t = _read(fp8_hf)
+    t = read_safetensors(fp8_hf)
     for i in range(2):
         for lin in HF_LINEARS:
             m = f"model.layers.{i}.{lin}"
@@ -102,18 +68,14 @@ def test_unified_checkpoint_tensors_dtypes_and_files(fp8_hf, tok_hf):
 
 
 def test_accuracy_report_is_sane(fp8_hf):
-    r = json.loads((fp8_hf / "accuracy.json").read_text())
-    assert r["eval"] == {**r["eval"], "split": "holdout", "samples": 4, "synthetic": False}
-    for k in ("logit_max_abs_err", "logit_mean_abs_err", "logit_rel_rms_err", "top1_agreement", "kl_mean",
-              "perplexity_source", "perplexity_quantized", "perplexity_ratio"):
-        assert math.isfinite(r[k]), k
+    r = read_accuracy_report(fp8_hf, 4)
     assert r["top1_agreement"] >= 0.95
     assert 0 < r["logit_rel_rms_err"] < 0.05 and r["logit_max_abs_err"] > 0  # FP8 changes something, a little
     assert 0.98 < r["perplexity_ratio"] < 1.02
 
 
 def test_fp8_kv_cache_scales(fp8_kv_hf):
-    t = _read(fp8_kv_hf)
+    t = read_safetensors(fp8_kv_hf)
     assert json.loads((fp8_kv_hf / "hf_quant_config.json").read_text())["quantization"]["kv_cache_quant_algo"] == "FP8"
     for i in range(2):
         k, v = t[f"model.layers.{i}.self_attn.k_proj.k_scale"], t[f"model.layers.{i}.self_attn.v_proj.v_scale"]
@@ -130,7 +92,7 @@ def test_convert_folds_scales_exactly(fp8_hf, tmp_path):
     meta = json.loads((out / "config.json").read_text())["trtfalcon"]
     assert meta["quantization"]["quant_algo"] == "FP8" and meta["quantization"]["exclude_modules"] == []
     cfg = FalconH1Config.from_json_file(fp8_hf)
-    hf, d = _read(fp8_hf), _read(out)
+    hf, d = read_safetensors(fp8_hf), read_safetensors(out)
     a, s = cfg.attention_in_multiplier, cfg.ssm_in_multiplier
     p = "model.layers.1"
     # fp8 bytes unchanged, fused in order
@@ -173,7 +135,7 @@ def test_torch_executor_equals_independent_fake_quant(fp8_hf, tok_hf, tmp_path):
     ex = TorchExecutor(w, num_blocks=12, block_size=8, num_slots=3)
     prompts = [list(range(5, 22)), [7, 3, 9], list(range(40, 80, 3))]
     got = ex.execute(_prefill_batch(prompts, 4, 8))
-    oracle = _hf_fake_quant_model(tok_hf, fp8_hf)
+    oracle = hf_fake_quant_model(tok_hf, fp8_hf)
     plain = hf_model(tok_hf)
     with torch.no_grad():
         for b, p in enumerate(prompts):
@@ -187,7 +149,7 @@ def test_torch_executor_equals_independent_fake_quant(fp8_hf, tok_hf, tmp_path):
 def test_conservative_keeps_mamba_projections_dense(tok_hf, calib_jsonl, tmp_path):
     out = quantize_fp8(tok_hf, tmp_path / "c", calib_data=calib_jsonl, calib_size=2, calib_seq_len=16,
                        conservative=True, accuracy=False).out_dir
-    t = _read(out)
+    t = read_safetensors(out)
     assert t["model.layers.0.mamba.in_proj.weight"].dtype == torch.float32
     assert t["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
     dep = convert_checkpoint(out, tmp_path / "d", dtype="fp32")
@@ -200,7 +162,7 @@ def test_conservative_keeps_mamba_projections_dense(tok_hf, calib_jsonl, tmp_pat
 # ------------------------------------------------------------------------------------------------- bad inputs
 def _without(src, dst, drop):
     shutil.copytree(src, dst)
-    t = {k: v for k, v in _read(dst).items() if k != drop}
+    t = {k: v for k, v in read_safetensors(dst).items() if k != drop}
     (dst / "model.safetensors").unlink()
     save_file(t, dst / "model.safetensors")
     return dst
@@ -220,7 +182,7 @@ def test_missing_kv_scale_and_deploy_input_scale(fp8_kv_hf, fp8_hf, tmp_path):
     with pytest.raises(CheckpointError, match=r"v_proj\.v_scale' is missing.*FP8 KV cache"):
         convert_checkpoint(bad, tmp_path / "out")
     dep = convert_checkpoint(fp8_hf, tmp_path / "dep", dtype="fp32")
-    t = {k: v for k, v in _read(dep).items() if k != "layers.0.mlp.down_proj.input_scale"}
+    t = {k: v for k, v in read_safetensors(dep).items() if k != "layers.0.mlp.down_proj.input_scale"}
     save_file(t, dep / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"FP8 linear 'layers\.0\.mlp\.down_proj' has no "
                                               r"'layers\.0\.mlp\.down_proj\.input_scale'"):
@@ -230,7 +192,7 @@ def test_missing_kv_scale_and_deploy_input_scale(fp8_kv_hf, fp8_hf, tmp_path):
 def test_bad_scale_values_and_unsupported_quantization(fp8_hf, tmp_path):
     bad = tmp_path / "neg"
     shutil.copytree(fp8_hf, bad)
-    t = _read(bad)
+    t = read_safetensors(bad)
     t["model.layers.0.self_attn.o_proj.input_scale"] = torch.tensor(-1.0)
     save_file(t, bad / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"o_proj\.input_scale' must be positive"):
@@ -352,5 +314,5 @@ def test_fp8_fold_on_config_variants(hf_checkpoints, variant, tmp_path):
     prompt = list(range(3, 30, 2))
     got = TorchExecutor(w, num_blocks=4, block_size=8, num_slots=1).execute(_prefill_batch([prompt], 4, 8))[0]
     with torch.no_grad():
-        want = _hf_fake_quant_model(src, fp8)(torch.tensor([prompt]), use_cache=False).logits[0, -1].float()
+        want = hf_fake_quant_model(src, fp8)(torch.tensor([prompt]), use_cache=False).logits[0, -1].float()
     assert (got - want).abs().max() <= 2e-3 * want.abs().max()

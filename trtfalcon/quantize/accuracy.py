@@ -10,24 +10,64 @@ Per token position of every evaluation sample:
     top-1 agreement  argmax l_q == argmax l_s
     KL(p_s || p_q)   mean over positions (nats)
     perplexity       exp(mean NLL of the next token) for each model, on the held-out samples (never calibrated on)
+
+Optionally, task accuracy: a `TaskEvaluator` (supplied by whoever knows the task, e.g. the toy reasoner's greedy
+answers, trtfalcon/tts/toy_eval.py) scores both checkpoints on its items. Each checkpoint goes the way a deployment
+goes: `convert` to a deploy checkpoint in the compute dtype, then the in-flight runtime's torch executor (on CPU,
+FP8 linears fake-quantized: what TensorRT's Q/DQ computes). The report stays model-agnostic: it only counts the
+items each side got right, those only one side got right, and how often the two generated the same tokens.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from trtfalcon.errors import TrtFalconError
 from trtfalcon.quantize.calibration import CalibrationSet
+
+if TYPE_CHECKING:
+    from trtfalcon.config import FalconH1Config
+    from trtfalcon.model.weights import DeployWeights
+
+
+@dataclass
+class TaskRun:
+    """One checkpoint's results on a task, in item order: whether each item was answered right, and the tokens
+    generated for it."""
+
+    correct: list[bool]
+    outputs: list[list[int]]
+
+
+class TaskEvaluator(Protocol):
+    """A task both checkpoints are scored on. `check` runs before calibration (a model that cannot do the task
+    fails before any work); `__call__` runs the task on deploy weights and returns one result per item, the same
+    items in the same order on every call."""
+
+    name: str
+
+    def describe(self) -> dict[str, Any]:
+        """What is run (items, decoding), for the report."""
+
+    def check(self, config: FalconH1Config, source: Path) -> None:
+        """Raise a trtfalcon error naming `source` when this model cannot do the task."""
+
+    def __call__(self, weights: DeployWeights) -> TaskRun: ...
 
 
 @torch.inference_mode()
 def accuracy_report(
     source_dir: str | Path, quant_dir: str | Path, data: CalibrationSet, *, compute_dtype: str = "fp32",
+    task: TaskEvaluator | None = None,
 ) -> dict[str, Any]:
-    """Compare quant_dir with source_dir on data.holdout (or data.calib when nothing was held out)."""
+    """Compare quant_dir with source_dir on data.holdout (or data.calib when nothing was held out), and on `task`
+    when one is given."""
     from trtfalcon.model.reference import ReferenceModel
     from trtfalcon.model.weights import load_weights
 
@@ -57,7 +97,8 @@ def accuracy_report(
         nll_q -= float(lpq[:-1].gather(-1, nxt[:, None]).sum())
         n_next += len(ids) - 1
     ppl_s, ppl_q = math.exp(nll_s / n_next), math.exp(nll_q / n_next)
-    return {
+    del source, quant
+    report = {
         "source": str(source_dir), "quantized": str(quant_dir), "compute_dtype": compute_dtype,
         "eval": {"split": split, "samples": len(samples), "positions": n_pos, "data": data.source,
                  "synthetic": data.synthetic},
@@ -69,6 +110,42 @@ def accuracy_report(
         "perplexity_source": ppl_s,
         "perplexity_quantized": ppl_q,
         "perplexity_ratio": ppl_q / ppl_s,
+    }
+    if task is not None:
+        report["task"] = task_report(source_dir, quant_dir, task, compute_dtype=compute_dtype)
+    return report
+
+
+def task_report(source_dir: str | Path, quant_dir: str | Path, task: TaskEvaluator, *,
+                compute_dtype: str = "fp32") -> dict[str, Any]:
+    """Score both checkpoints on `task` through convert -> deploy checkpoint -> the runtime (see the module doc).
+
+    The deploy checkpoints are written next to quant_dir (the same file system the user chose) and removed."""
+    from trtfalcon.checkpoint.convert import convert_checkpoint
+    from trtfalcon.model.weights import load_weights
+
+    quant_dir = Path(quant_dir)
+    runs: dict[str, TaskRun] = {}
+    with tempfile.TemporaryDirectory(prefix=".trtfalcon-task-", dir=quant_dir.parent) as tmp:
+        for side, ckpt in (("source", Path(source_dir)), ("quantized", quant_dir)):
+            deploy = convert_checkpoint(ckpt, Path(tmp) / side, dtype=compute_dtype)
+            runs[side] = task(load_weights(deploy))
+    src, qnt = runs["source"], runs["quantized"]
+    n = len(src.correct)
+    if n == 0 or any(len(x) != n for x in (src.outputs, qnt.correct, qnt.outputs)):
+        raise TrtFalconError(f"task {task.name!r}: expected one result and one output per item, the same number for "
+                             f"both checkpoints, found source {len(src.correct)}/{len(src.outputs)}, quantized "
+                             f"{len(qnt.correct)}/{len(qnt.outputs)}")
+    acc_s, acc_q = sum(src.correct) / n, sum(qnt.correct) / n
+    return {
+        "name": task.name, **task.describe(), "items": n,
+        "runtime": f"convert --dtype {compute_dtype} -> deploy checkpoint -> torch executor (in-flight engine)",
+        "accuracy_source": acc_s,
+        "accuracy_quantized": acc_q,
+        "accuracy_delta": acc_q - acc_s,
+        "right_source_only": sum(s and not q for s, q in zip(src.correct, qnt.correct)),
+        "right_quantized_only": sum(q and not s for s, q in zip(src.correct, qnt.correct)),
+        "same_output": sum(a == b for a, b in zip(src.outputs, qnt.outputs)) / n,
     }
 
 
@@ -84,4 +161,12 @@ def format_report(r: dict[str, Any]) -> str:
         f"  perplexity          source {r['perplexity_source']:.4g}, fp8 {r['perplexity_quantized']:.4g} "
         f"(x{r['perplexity_ratio']:.4f})",
     ]
+    if "task" in r:
+        t = r["task"]
+        lines += [
+            f"  task accuracy       {t['name']} ({t['items']} items): source {100 * t['accuracy_source']:.1f} %, "
+            f"fp8 {100 * t['accuracy_quantized']:.1f} % ({100 * t['accuracy_delta']:+.1f} points; right only with "
+            f"source {t['right_source_only']}, only with fp8 {t['right_quantized_only']})",
+            f"  same output         {100 * t['same_output']:.1f} % of items generate identical tokens",
+        ]
     return "\n".join(lines)

@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,8 +38,12 @@ from trtfalcon.checkpoint.deploy import copy_side_files
 from trtfalcon.checkpoint.fp8 import FP8HFCheckpoint
 from trtfalcon.checkpoint.hf import HFCheckpoint, is_quantized_hf_checkpoint
 from trtfalcon.checkpoint.safetensors_io import atomic_output_dir, check_output_differs
-from trtfalcon.errors import CheckpointError, MissingDependencyError
-from trtfalcon.quantize.calibration import CalibrationSet, load_calibration
+from trtfalcon.dtypes import FLOAT_NAMES, lookup
+from trtfalcon.errors import CheckpointError, ConfigError, MissingDependencyError
+from trtfalcon.quantize.calibration import load_calibration
+
+if TYPE_CHECKING:
+    from trtfalcon.quantize.accuracy import TaskEvaluator
 
 MODELOPT_HINT = "pip install 'trtfalcon[quant]'  (nvidia-modelopt==0.47.0 and requests; not its [hf] extra)"
 # ModelOpt quantizer patterns Falcon-H1 needs on top of FP8_DEFAULT_CFG (see the module docstring).
@@ -94,6 +98,8 @@ def quantize_fp8(
     seed: int = 0,
     conservative: bool = False,
     accuracy: bool = True,
+    accuracy_dtype: str = "fp32",
+    task: TaskEvaluator | None = None,
     device: str = "auto",
     overwrite: bool = False,
     log: Callable[[str], None] = lambda msg: None,
@@ -101,19 +107,28 @@ def quantize_fp8(
     """Calibrate hf_dir (a bf16/fp32 HF Falcon-H1 checkpoint) and write the FP8 unified checkpoint to out_dir.
 
     device: where calibration runs ("auto": CUDA when torch sees a GPU, else CPU). A 7B model calibrates on CPU
-    (about 16 GB of RAM in bf16) but slowly; on a GPU the same code runs in minutes."""
+    (about 16 GB of RAM in bf16) but slowly; on a GPU the same code runs in minutes.
+    accuracy_dtype: the compute dtype both sides of the accuracy report run in (fp32: the quantization's cost
+    alone; bf16: a bf16 deployment against an FP8 one). task: also score both checkpoints on a task
+    (quantize/accuracy.py TaskEvaluator; needs accuracy)."""
     t0 = time.perf_counter()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     check_output_differs(hf_dir, out_dir)
     if kv_cache_dtype not in (None, "fp8", "auto"):
         raise CheckpointError(f"--kv-cache-dtype: expected fp8 (or leave it unset), found {kv_cache_dtype!r}")
     kv_fp8 = kv_cache_dtype == "fp8"
+    lookup(accuracy_dtype, among=FLOAT_NAMES, what="accuracy dtype")
+    if task is not None and not accuracy:
+        raise ConfigError(f"task {task.name!r}: task accuracy is part of the accuracy report; do not turn the report "
+                          "off (--no-accuracy) when asking for a task")
     if is_quantized_hf_checkpoint(hf_dir):
         raise CheckpointError(f"{hf_dir}: is already quantized (hf_quant_config.json / quantization_config); "
                               "quantize its bf16 source instead")
     ckpt = HFCheckpoint(hf_dir)
     ckpt.validate()  # before any work: a broken source fails here
     cfg = ckpt.config
+    if task is not None:
+        task.check(cfg, hf_dir)
     # The data is read before the model: a calibration file that does not tokenize costs no model load.
     calib = load_calibration(Path(calib_data) if calib_data else None, hf_dir, cfg.vocab_size,
                              num_samples=calib_size, seq_len=calib_seq_len, holdout=holdout if accuracy else 0,
@@ -157,7 +172,7 @@ def quantize_fp8(
         if accuracy:
             from trtfalcon.quantize.accuracy import accuracy_report
 
-            result.accuracy = accuracy_report(hf_dir, tmp, calib)
+            result.accuracy = accuracy_report(hf_dir, tmp, calib, compute_dtype=accuracy_dtype, task=task)
             (tmp / "accuracy.json").write_text(json.dumps(result.accuracy, indent=2) + "\n")
     result.seconds = time.perf_counter() - t0
     return result

@@ -18,6 +18,7 @@ other toy tasks (capital letters, signs) and is larger than DeepConf's top-k of 
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass
@@ -72,8 +73,12 @@ class TaskSpec:
         return Problem(rng.randint(10 ** (da - 1), 10**da - 1), rng.randint(10 ** (db - 1), 10**db - 1))
 
 
-def held_out_problems(count: int = 200, spec: TaskSpec = TaskSpec(), seed: int = 12345) -> list[Problem]:
-    """The fixed evaluation set (distinct problems); training never draws these (`training_problems`)."""
+HELD_OUT_COUNT = 200  # training excludes exactly held_out_problems(HELD_OUT_COUNT) (toy_train.train)
+
+
+def held_out_problems(count: int = HELD_OUT_COUNT, spec: TaskSpec = TaskSpec(), seed: int = 12345) -> list[Problem]:
+    """The fixed evaluation set (distinct problems); training never draws these (`training_problems`). A prefix of
+    a longer list: held_out_problems(n) == held_out_problems(m)[:n] for n <= m."""
     rng = random.Random(seed)
     seen: set[Problem] = set()
     out: list[Problem] = []
@@ -112,6 +117,29 @@ def decode(ids: list[int]) -> str:
 
 def prompt_ids(problem: Problem) -> list[int]:
     return [BOS_ID, *encode(problem.prompt)]
+
+
+def training_text(problem: Problem) -> str:
+    """The sequence the model is trained on, as text: BOS prompt solution EOS (the tokenizer reads the special
+    tokens as their ids)."""
+    return f"{BOS}{problem.prompt}{problem.solution}{EOS}"
+
+
+def calibration_records(samples: int = 64, holdout: int = 16, seed: int = 1) -> list[dict[str, str]]:
+    """Lines of a calibration JSONL for `trtfalcon quantize --calib-data`: `samples` traces of the training
+    distribution (TaskSpec's operands, held-out problems excluded, as in training), then `holdout` held-out
+    problems' traces (held_out_problems(holdout)). quantize keeps the file's last --holdout lines out of calibration
+    for perplexity: with --holdout <= `holdout` those are held-out problems, never trained or calibrated on."""
+    exclude = set(held_out_problems())
+    train = training_problems(random.Random(seed), samples, TaskSpec(), exclude)
+    return [{"text": training_text(p)} for p in [*train, *held_out_problems(holdout)]]
+
+
+def write_calibration_jsonl(path: str | Path, samples: int = 64, holdout: int = 16, seed: int = 1) -> Path:
+    """calibration_records(...) as a JSONL file (one {"text": ...} per line)."""
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in calibration_records(samples, holdout, seed)))
+    return path
 
 
 def is_correct(problem: Problem, completion: str) -> bool:
