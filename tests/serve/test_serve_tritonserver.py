@@ -202,7 +202,8 @@ def test_n_samples_with_a_deepconf_threshold_match_the_engine(triton, ids_ckpt):
     return_confidences): per sample_index, the tokens, finish reasons ('confidence' for the stopped ones),
     per-token confidences and lowest group confidences equal the in-process engine's for the same seeds; each
     Triton request ends with exactly one FINAL; bad DeepConf inputs are rejected naming the input; the generate
-    endpoint carries the stats too; the pools are all free afterwards."""
+    endpoint carries the stats too (and refuses n > 1: it takes one response); the pools are all free
+    afterwards."""
     from trtfalcon.runtime.llm import LLMEngine
     from trtfalcon.runtime.options import RuntimeOptions
     from trtfalcon.runtime.request import ConfidenceParams, Request, SamplingParams
@@ -251,8 +252,10 @@ def test_n_samples_with_a_deepconf_threshold_match_the_engine(triton, ids_ckpt):
     assert len(one["confidences"]) == len(one["output_ids"]) and one["sample_index"] == 0
     assert one["lowest_group_confidence"] == pytest.approx(min(
         np.convolve(one["confidences"], np.ones(window) / window, "valid")), abs=1e-5)
-    after = wait_for(triton, "ids", lambda s: idle(s) and s["completed"] - before["completed"] >= 4)
-    assert after["completed"] - before["completed"] == 4  # a Triton request each, whatever its n
+    with pytest.raises(RequestFailed, match="exactly 1 response"):  # Triton's generate endpoint: n = 1 only
+        http_generate(triton.http_url, "ids", input_ids=prompt, max_tokens=3, n=2, seed=1, temperature=1.0)
+    after = wait_for(triton, "ids", lambda s: idle(s) and s["completed"] - before["completed"] >= 5)
+    assert after["completed"] - before["completed"] == 5  # a Triton request each, whatever its n
     assert after["rejected"] - before["rejected"] == 1
 
 

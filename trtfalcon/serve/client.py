@@ -259,6 +259,8 @@ def http_generate(url: str, model: str, *, text: str | None = None, input_ids: l
         except (ValueError, AttributeError):
             message = raw
         raise RequestFailed(f"{model}: HTTP {e.code}: {message}", e.code) from None
+    if "error" in out:  # Triton answers some failures with HTTP 200 and an error body (e.g. n > 1 responses)
+        raise RequestFailed(f"{model}: {out['error']}")
     return _generate_result(out)
 
 
