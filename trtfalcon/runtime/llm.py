@@ -11,7 +11,8 @@ or drive it step by step (a server, a benchmark with a concurrency limit):
             ...
 
 Every request ends exactly once: "length", "stop", "confidence" (DeepConf's online stop), "cancelled", or "error"
-(rejected at add time, or its step's executor call failed). The engine is single-threaded: a server calls add_request/cancel/step from one loop.
+(rejected at add time, or its step's executor call failed). The engine is single-threaded: a server calls
+add_request/cancel/step from one loop.
 
 n samples of one prompt (SamplingParams(n=4), DeepConf's parallel traces): `add_samples(request)` returns the n
 outputs, request ids f"{request_id}/{k}"; each sample is a request of its own from then on (its own deltas,

@@ -142,7 +142,8 @@ class RequestOutput:
     """The result of one request; the engine fills it in as generation proceeds (a live object).
 
     `finish_reason` is None while running, then one of "length", "stop", "confidence" (DeepConf's online stop),
-    "cancelled", "error" (with `error` holding the message). `logprobs` has one entry per generated token when the request asked for them.
+    "cancelled", "error" (with `error` holding the message). `logprobs` has one entry per generated token when the
+    request asked for them.
     For a request with SamplingParams.n > 1 there is one RequestOutput per sample: request_id f"{parent_id}/{k}",
     `parent_id` the request's own id and `sample_index` k (for n == 1: parent_id None, sample_index 0).
     """

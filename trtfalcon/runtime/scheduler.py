@@ -15,8 +15,8 @@ Running sequences never exceed max_batch_size, so every running sequence decodes
 Each sequence's SequenceStatus says where it is: WAITING in `waiting`, RUNNING in `running` (the only status that
 owns a state slot and KV blocks), FORK_PENDING in its parent's `children`, FINISHED nowhere. The moves between
 them (admit, fork, preempt, hand over, finish) are a few methods in one section, and only they set it. Every
-ending (stop, length, confidence, cancelled, error) goes through `_finish`: the sequence leaves its queue, samples waiting on
-its prefill are handed over, its slot and blocks are free before the next schedule.
+ending (stop, length, confidence, cancelled, error) goes through `_finish`: the sequence leaves its queue, samples
+waiting on its prefill are handed over, its slot and blocks are free before the next schedule.
 
 n samples of one prompt (SamplingParams.n > 1): sample 0 is queued and prefills the prompt like any request; the
 other n-1 wait on it (FORK_PENDING: in `live`, neither waiting nor running, `parent` = sample 0). In the step whose chunk
