@@ -113,7 +113,7 @@ def instance_runtime_options(runtime: dict[str, Any], device: str):  # noqa: ANN
 # ---------------------------------------------------------------------------------------------- config.pbtxt
 def _tensor_block(kind: str, spec: TensorSpec, optional: bool) -> str:
     dims = ", ".join(str(d) for d in spec.dims)
-    lines = [f"  {{", f'    name: "{spec.name}"', f"    data_type: {spec.data_type}", f"    dims: [ {dims} ]"]
+    lines = ["  {", f'    name: "{spec.name}"', f"    data_type: {spec.data_type}", f"    dims: [ {dims} ]"]
     if optional:
         lines.append("    optional: true")
     lines.append("  }")
