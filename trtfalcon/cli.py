@@ -558,7 +558,7 @@ def tts_config_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
                                                                                        max_open=True),
                      help="Percent of traces kept: 10 = DeepConf-low, 90 = DeepConf-high."),
         click.option("--window", default=2048, show_default=True, type=click.IntRange(min=1),
-                     help="Tokens of the sliding-window group confidence (shorter for short traces, e.g. 16 on "
+                     help="Tokens of the sliding-window group confidence (shorter for short traces, e.g. 8 on "
                           "the toy reasoner)."),
         click.option("--top-k", default=DEFAULT_TOP_K, show_default=True, type=click.IntRange(min=1),
                      help="Log-probabilities averaged into each token's confidence (not a sampling filter)."),
@@ -615,10 +615,10 @@ def tts(checkpoint: Path, prompt: str | None, prompt_ids: str | None, budget: in
 
     \b
     Examples:
-      trtfalcon tts tests/data/toy-reasoner --prompt 'Q:376*82;' --budget 32 --warmup 8 --window 16
-      trtfalcon tts tests/data/toy-reasoner --prompt 'Q:376*82;' --budget 32 --mode offline --eta 90 --window 16
+      trtfalcon tts tests/data/toy-reasoner --prompt 'Q:376*82;' --budget 32 --warmup 8 --window 8 --temperature 1
+      trtfalcon tts tests/data/toy-reasoner --prompt 'Q:376*82;' --budget 32 --mode offline --eta 90 --window 8
       trtfalcon tts MODEL --prompt "$(cat question.txt)" --budget 256 --extractor boxed --max-batch-size 256
-      trtfalcon tts runs/tiny-deploy --prompt-ids 1,2,3 --budget 8 --warmup 2 --extractor 'regex:(\d+)$' --json
+      trtfalcon tts runs/tiny-deploy --prompt-ids 1,2,3 --budget 8 --warmup 2 --extractor 'regex:(\\d+)$' --json
     """
     from trtfalcon.runtime.llm import LLMEngine
     from trtfalcon.runtime.prompts import parse_ids

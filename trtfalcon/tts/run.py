@@ -28,14 +28,18 @@ steps while the other prompts keep running. A request of n samples shares one pr
 than the engine's batch go in several requests (seeds still k = 0 .. budget-1).
 
 Confidences come from the engine (SamplingParams.confidence: C_i per generated token, computed on the logits'
-device); each trace's TraceScores are tts.deepconf.trace_scores of them with the config's window, and the threshold
-and the votes use those scores.
+device); each trace's TraceScores are tts.deepconf.trace_scores of them with the config's window, except
+lowest_window, which is the engine's own lowest group (RequestOutput.lowest_group_confidence; equal to the offline
+score up to float rounding): the threshold is set from and compared with the numbers the engine's stop compared,
+so a trace the engine let run is never filtered out of the vote by a last-bit difference. (Logits, hence
+confidences, differ in their last bits with the batch's shape: a trace whose window mean ties the threshold can be
+stopped in one run and not in another; the tokens of every trace do not depend on what runs beside it.)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Sequence
 
 from trtfalcon.errors import ConfigError, RequestError
@@ -322,7 +326,10 @@ class _PromptRun:
             raise RequestError(f"tts prompt {self.index}, trace {getattr(out, 'request_id', '?')}: expected one "
                                f"confidence per generated token, found none (finish_reason "
                                f"{getattr(out, 'finish_reason', None)!r})")
-        return trace_scores(out.confidences, window=self.config.window)
+        scores = trace_scores(out.confidences, window=self.config.window)
+        if out.lowest_group_confidence is not None:  # the engine's: what its online stop compared (module doc)
+            scores = replace(scores, lowest_window=float(out.lowest_group_confidence))
+        return scores
 
     def result(self, extractor: AnswerExtractor, decode: Decode) -> TTSResult:
         c = self.config
