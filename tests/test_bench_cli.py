@@ -94,6 +94,8 @@ def test_demo_runs_the_whole_cpu_pipeline(tmp_path):
     assert r.exit_code == 0, r.output
     assert "8/8 prompts in flight give the reference model's greedy tokens exactly" in r.output
     assert "skipped (--skip-kernels)" in r.output
+    assert "DeepConf online (budget 12, warm-up 4, eta 10, window 8) on 3 held-out problems" in r.output
+    assert "tokens vs offline's" in r.output and "saved" in r.output
     report = json.loads((out / "bench" / "report.json").read_text())
     assert [x["concurrency"] for x in report["results"]] == [32, 64]
     assert (out / "tiny-deploy" / "config.json").is_file() and (out / "bench" / "throughput.png").is_file()

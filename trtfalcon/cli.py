@@ -18,6 +18,8 @@ from trtfalcon.progress import progress_bar, progress_messages
 from trtfalcon.runtime.options import RuntimeOptions
 
 DTYPE_CHOICE = click.Choice(FLOAT_NAMES)
+EXTRACTOR_HELP = ("How a trace's final answer is read from its text: toy = the toy task's last A:<digits>; boxed = "
+                  "the last \\boxed{...}; regex:PATTERN = the last match of PATTERN (its first group if it has one).")
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -51,6 +53,7 @@ def main() -> None:
       export    deploy checkpoint -> ONNX graph (plugin nodes, FP8 Q/DQ, external weights) for TensorRT
       generate  run prompts through the model (in-flight-batching runtime, or the reference oracle)
       bench     throughput at fixed concurrencies (32 and 64 by default), JSON report + plot
+      tts       test-time scaling: many traces of a prompt, DeepConf online/offline confidence vote
       plugins   compile the Triton kernels of the TensorRT plugins ahead of time (no GPU needed)
       serve     a Triton Inference Server model repository on the runtime (streaming, cancellation)
       demo      all of the above on a tiny model, on this machine
@@ -412,22 +415,50 @@ def _generate_reference(checkpoint: Path, prompts, opts, temperature: float, see
 @click.option("--seed", default=0, show_default=True, help="Seed of the synthetic dataset.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/bench"), show_default=True,
               help="Where report.json and throughput.png go.")
+@click.option("--tts", "tts_workload", is_flag=True,
+              help="The DeepConf workload instead: per prompt, --tts-budget traces offline then online (same seeds); "
+                   "reports output tokens/s of both and the tokens online saved.")
+@click.option("--tts-budget", default=16, show_default=True, type=click.IntRange(min=1), help="With --tts: traces per prompt.")
+@click.option("--tts-warmup", default=4, show_default=True, type=click.IntRange(min=1),
+              help="With --tts: warm-up traces per prompt (online).")
+@click.option("--tts-eta", default=10.0, show_default=True, type=click.FloatRange(0, 100, min_open=True, max_open=True),
+              help="With --tts: percent of traces kept (10 = DeepConf-low, 90 = DeepConf-high).")
+@click.option("--tts-window", default=32, show_default=True, type=click.IntRange(min=1),
+              help="With --tts: tokens of the group confidence window (DeepConf's 2048 suits long traces).")
+@click.option("--tts-extractor", default="toy", show_default=True, help="With --tts: " + EXTRACTOR_HELP)
 @runtime_option_flags
 @handle_errors
 def bench(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev: float, osl_stdev: float,
           num_requests: int | None, concurrencies: tuple[int, ...], warmup: int | None, backend: str, seed: int,
-          out_dir: Path, **kw: Any) -> None:
+          out_dir: Path, tts_workload: bool, tts_budget: int, tts_warmup: int, tts_eta: float, tts_window: int,
+          tts_extractor: str, **kw: Any) -> None:
     """Measure throughput with in-flight batching at fixed concurrencies (the trtllm-bench method).
 
     EOS is ignored so every request produces exactly its output length; warm-up requests are not counted.
     Prints a table and writes OUT/report.json (request/s, output tokens/s, tokens/s per GPU or per process on
     CPU, TTFT and TPOT P50/P90/P99, mean live batch, host overhead, a per-step log) and OUT/throughput.png.
 
+    With --tts, the DeepConf workload: each prompt of the dataset (or --num-requests synthetic prompts, default 4)
+    gets --tts-budget traces of up to --osl tokens (EOS ends a trace), all prompts in flight in one engine of
+    --max-batch-size; offline (every trace to its end) then online (--tts-warmup traces set the threshold, the
+    rest stop below it), same seeds (--seed + k for trace k). report.json's "tts" section: tokens generated,
+    seconds and output tokens/s of each, tokens saved = offline - online tokens (and %). On a random-weight model
+    the confidences mean nothing, so which traces stop and the votes are arbitrary; the throughput and the
+    tokens are still the engine's real work. Use a trained model (tests/data/toy-reasoner) for meaningful votes.
+
     \b
     Examples:
       trtfalcon bench runs/tiny-deploy --isl 64 --osl 64 --concurrency 32 --concurrency 64
       trtfalcon bench ENGINE_DIR --backend tensorrt --isl 512 --osl 32768 --num-requests 128   (on a GPU)
+      trtfalcon bench runs/tiny-deploy --tts --isl 32 --osl 128 --num-requests 4 --tts-budget 16 --tts-warmup 4
+      trtfalcon bench tests/data/toy-reasoner --tts --dataset toy.jsonl --tts-budget 32 --tts-window 16
     """
+    if tts_workload:
+        _bench_tts(checkpoint, dataset, isl, osl, isl_stdev, num_requests, concurrencies, backend, seed, out_dir,
+                   _tts_config(budget=tts_budget, warmup=tts_warmup, mode="online", eta=tts_eta,
+                               window=tts_window, max_new_tokens=osl, seed=seed),
+                   _answer_extractor(tts_extractor), kw)
+        return
     from rich.console import Console
     from rich.progress import Progress
 
@@ -481,6 +512,190 @@ def bench(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev:
     failed = sum(len(r.errors) for r in results)
     if failed:  # the figures above count only the requests that completed
         raise click.ClickException(f"{failed} request(s) failed; the report counts only the completed ones")
+
+
+# ------------------------------------------------------------------------------------------------------ tts
+def _answer_extractor(name: str) -> Any:
+    from trtfalcon.tts.answers import get_extractor
+
+    if name not in ("toy", "boxed") and not name.startswith("regex:"):
+        raise click.BadParameter(f"expected toy, boxed or regex:PATTERN, found {name!r}", param_hint="--extractor")
+    try:
+        return get_extractor(name)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--extractor") from None
+
+
+def _trace_text(checkpoint: Path, tokenizer_dir: Path | None) -> tuple[Any, Callable[[list[int]], str]]:
+    """(tokenizer or None, decode): the checkpoint's tokenizer (serve/text.py loads it as the server does), or, when
+    there is none, token ids written as text ("12 7 9") for the extractor to read."""
+    from trtfalcon.serve.text import has_tokenizer, load_tokenizer
+
+    directory = tokenizer_dir or checkpoint
+    if not has_tokenizer(directory):
+        if tokenizer_dir is not None:
+            raise click.BadParameter(f"{tokenizer_dir}: expected tokenizer.json or tokenizer.model, found neither",
+                                     param_hint="--tokenizer")
+        return None, lambda ids: " ".join(map(str, ids))
+    tok = load_tokenizer(directory)
+    return tok, lambda ids: tok.decode(ids, skip_special_tokens=True)
+
+
+def tts_config_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """DeepConf's settings (TTSConfig) as options, shared by `tts` and `bench --tts`."""
+    from trtfalcon.tts.deepconf import DEFAULT_TOP_K
+
+    options = [
+        click.option("--budget", default=64, show_default=True, type=click.IntRange(min=1),
+                     help="Traces per prompt in all, warm-up included."),
+        click.option("--warmup", default=16, show_default=True, type=click.IntRange(min=1),
+                     help="online: warm-up traces that run to their end and set the stop threshold (at most "
+                          "--budget; equal to it, no trace can be stopped)."),
+        click.option("--mode", type=click.Choice(["online", "offline"]), default="online", show_default=True,
+                     help="online: stop traces whose window confidence falls below the warm-up threshold; offline: "
+                          "run every trace to its end, then vote over the top --eta%."),
+        click.option("--eta", default=10.0, show_default=True, type=click.FloatRange(0, 100, min_open=True,
+                                                                                       max_open=True),
+                     help="Percent of traces kept: 10 = DeepConf-low, 90 = DeepConf-high."),
+        click.option("--window", default=2048, show_default=True, type=click.IntRange(min=1),
+                     help="Tokens of the sliding-window group confidence (shorter for short traces, e.g. 8 on "
+                          "the toy reasoner)."),
+        click.option("--top-k", default=DEFAULT_TOP_K, show_default=True, type=click.IntRange(min=1),
+                     help="Log-probabilities averaged into each token's confidence (not a sampling filter)."),
+        click.option("--temperature", default=0.6, show_default=True, type=click.FloatRange(min=0, min_open=True)),
+        click.option("--top-p", default=0.95, show_default=True,
+                     type=click.FloatRange(min=0.0, max=1.0, min_open=True)),
+        click.option("--seed", default=0, show_default=True, help="Trace k of every prompt has seed + k."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _tts_config(**values: Any) -> Any:
+    """TTSConfig from the options; click checked each range, the one rule across options is checked here so the
+    message names the flag."""
+    from trtfalcon.tts.run import TTSConfig
+
+    if values["mode"] == "online" and values["warmup"] > values["budget"]:
+        raise click.BadParameter(f"expected at most --budget ({values['budget']}) in online mode: the warm-up "
+                                 f"traces are part of the budget, found {values['warmup']}", param_hint="--warmup")
+    return TTSConfig(**values)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--prompt", help="Prompt text, tokenized with the checkpoint's tokenizer (or --tokenizer's).")
+@click.option("--prompt-ids", help="Comma-separated prompt token ids, e.g. 1,2,3.")
+@tts_config_flags
+@click.option("--max-new-tokens", default=None, type=click.IntRange(min=1),
+              help="Tokens per trace at most [default: what --max-seq-len leaves after the prompt].")
+@click.option("--extractor", default="toy", show_default=True, help=EXTRACTOR_HELP)
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Tokenizer directory [default: CHECKPOINT]. Without one, --prompt-ids only, and answers are read "
+                   "from the token ids written as text.")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch",
+              show_default=True, help="onnxruntime: CHECKPOINT is an fp32 export directory (`trtfalcon export`).")
+@runtime_option_flags
+@click.option("--traces", "show_traces", is_flag=True, help="Also print one line per trace.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: answer, vote table, tokens, every trace.")
+@handle_errors
+def tts(checkpoint: Path, prompt: str | None, prompt_ids: str | None, budget: int, warmup: int, mode: str,
+        eta: float, window: int, top_k: int, temperature: float, top_p: float, seed: int,
+        max_new_tokens: int | None, extractor: str, tokenizer_dir: Path | None, backend: str, show_traces: bool,
+        as_json: bool, **kw: Any) -> None:
+    """Test-time scaling with DeepConf: many reasoning traces of one prompt, one confidence-voted answer.
+
+    online (DeepConf-online): --warmup traces run to their end; the threshold is the (100 - eta) percentile of
+    their lowest window confidences; the other traces are stopped in the step where their window confidence falls
+    below it. Traces vote if not stopped and at or above the threshold, weighted by confidence. offline: --budget
+    traces, the top --eta% by lowest window confidence vote. Prints the voted answer, the vote table (answer,
+    votes, weight) and the tokens generated (every trace's, warm-up included). All traces run in flight in one
+    engine, sharing the prompt's prefill.
+
+    \b
+    Examples:
+      trtfalcon tts tests/data/toy-reasoner --prompt 'Q:376*82;' --budget 32 --warmup 8 --window 8 --temperature 1
+      trtfalcon tts tests/data/toy-reasoner --prompt 'Q:376*82;' --budget 32 --mode offline --eta 90 --window 8
+      trtfalcon tts MODEL --prompt "$(cat question.txt)" --budget 256 --extractor boxed --max-batch-size 256
+      trtfalcon tts runs/tiny-deploy --prompt-ids 1,2,3 --budget 8 --warmup 2 --extractor 'regex:(\\d+)$' --json
+    """
+    from trtfalcon.runtime.llm import LLMEngine
+    from trtfalcon.runtime.prompts import parse_ids
+    from trtfalcon.tts.run import run_tts
+
+    if (prompt is None) == (prompt_ids is None):
+        raise click.UsageError("give exactly one of --prompt or --prompt-ids")
+    answer_of = _answer_extractor(extractor)
+    config = _tts_config(budget=budget, warmup=warmup, mode=mode, eta=eta, top_k=top_k, window=window,
+                         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    tok, decode = _trace_text(checkpoint, tokenizer_dir)
+    if prompt is not None:
+        if tok is None:
+            raise click.UsageError(f"--prompt needs a tokenizer: {checkpoint} has no tokenizer.json or "
+                                   "tokenizer.model; give --tokenizer DIR or --prompt-ids")
+        ids = list(tok.encode(prompt))
+    else:
+        ids = parse_ids(prompt_ids, "--prompt-ids")
+        if tok is None and not as_json:
+            click.echo("note: no tokenizer, answers are read from the token ids written as text", err=True)
+    opts = _pop_runtime_options(kw)
+    engine = LLMEngine.from_options(backend, checkpoint, opts, log_steps=False)
+    result = run_tts(engine, ids, config, answer_of, decode=decode, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(traces=True)))
+        return
+    click.echo(f"answer: {result.answer if result.answer is not None else '(none)'}")
+    how = (f"online, threshold {result.threshold:.4f}, {result.num_stopped} of {budget} traces stopped"
+           if mode == "online" else f"offline, top {eta:g}% by lowest window confidence")
+    click.echo(f"vote ({how}):")
+    click.echo(f"  {'answer':<24} {'votes':>5} {'weight':>10}")
+    for answer, votes, weight in result.vote.table:
+        click.echo(f"  {answer:<24} {votes:>5} {weight:>10.4f}")
+    if show_traces:
+        for t in result.traces:
+            click.echo(f"  trace {t.index:>3} seed {t.seed:<6} {'warm-up' if t.warmup else '       '} "
+                       f"{t.finish_reason:<10} {t.num_tokens:>6} tokens  lowest window {t.scores.lowest_window:.4f}"
+                       f"  answer {t.answer}")
+    click.echo(f"tokens generated: {result.tokens_generated:,} ({budget} traces, {result.num_answered} with an "
+               f"answer)")
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+
+
+def _bench_tts(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev: float,
+               num_requests: int | None, concurrencies: tuple[int, ...], backend: str, seed: int, out_dir: Path,
+               config: Any, extractor: Any, kw: dict[str, Any]) -> None:
+    """`bench --tts`: the DeepConf workload (bench/tts.py), its table and report.json."""
+    from rich.console import Console
+
+    from trtfalcon.bench.dataset import load_jsonl, token_norm_dist
+    from trtfalcon.bench.report import write_report
+    from trtfalcon.bench.tts import print_tts_table, run_tts_bench
+    from trtfalcon.runtime.llm import LLMEngine
+
+    if concurrencies:
+        raise click.UsageError("--concurrency: not used with --tts (every prompt's traces run in flight; size the "
+                               "batch with --max-batch-size)")
+    opts = _pop_runtime_options(kw)
+    engine = LLMEngine.from_options(backend, checkpoint, opts, log_steps=False)
+    cfg, lim = engine.config, engine.limits
+    if dataset:
+        prompts = [r.input_ids for r in load_jsonl(dataset)]
+    else:
+        prompts = [r.input_ids for r in token_norm_dist(num_requests or 4, isl, osl, isl_stdev, vocab_size=cfg.vocab_size,
+                                                        seed=seed, max_seq_len=lim.max_seq_len)]
+    _, decode = _trace_text(checkpoint, None)
+    result = run_tts_bench(engine, prompts, config, extractor, decode, progress=True)
+    device = str(getattr(engine.executor, "device", opts.device))
+    print_tts_table(result, device, Console())
+    meta = {"checkpoint": str(checkpoint), "backend": backend, "kernels": getattr(engine.executor, "kernels", None),
+            "device": device, "workload": "tts", "dataset": str(dataset) if dataset else
+            {"type": "token-norm-dist", "isl": isl, "isl_stdev": isl_stdev, "seed": seed},
+            "max_batch_size": lim.max_batch_size, "max_num_tokens": lim.max_num_tokens, "max_seq_len": lim.max_seq_len,
+            "model": cfg.summary()}
+    write_report(out_dir / "report.json", [], meta, tts=result.as_dict())
+    click.echo(f"report: {out_dir / 'report.json'}")
 
 
 # ------------------------------------------------------------------------------------------------------ build

@@ -205,6 +205,44 @@ def step_quantize_toy(st: DemoState) -> str:
             "by the runtime)")
 
 
+def step_tts(st: DemoState) -> str:
+    """DeepConf on the trained toy reasoner: online against offline with the same seeds, all problems in flight.
+    A wrong vote is reported, not an error: voting is a bet, not a guarantee."""
+    import time
+
+    from trtfalcon.runtime.llm import LLMEngine
+    from trtfalcon.tts.answers import TOY_ANSWER
+    from trtfalcon.tts.run import TTSConfig, run_tts_many
+    from trtfalcon.tts.toy_eval import MAX_COMPLETION_TOKENS
+    from trtfalcon.tts.toy_task import decode, held_out_problems, prompt_ids
+
+    toy = Path(__file__).resolve().parents[1] / "tests" / "data" / "toy-reasoner"
+    if not (toy / "config.json").is_file():
+        return f"skipped: {toy} is not here (an installed wheel ships no tests/data/; run from the repository)"
+    problems = held_out_problems(3)
+    engine = LLMEngine.from_options("torch", toy, RuntimeOptions(max_batch_size=64, max_seq_len=128), log_steps=False)
+    # window 8: toy traces are ~25-50 tokens (DeepConf's 2048 suits long reasoning); temperature 1 for diverse traces
+    config = TTSConfig(budget=12, warmup=4, mode="online", eta=10, window=8, temperature=1.0, top_p=1.0,
+                       max_new_tokens=MAX_COMPLETION_TOKENS)
+    prompts = [prompt_ids(p) for p in problems]
+    t0 = time.perf_counter()
+    online = run_tts_many(engine, prompts, config, TOY_ANSWER, decode=decode)
+    seconds = time.perf_counter() - t0
+    offline = run_tts_many(engine, prompts, replace(config, mode="offline"), TOY_ANSWER, decode=decode)
+    on_tokens, off_tokens = sum(r.tokens_generated for r in online), sum(r.tokens_generated for r in offline)
+    if on_tokens > off_tokens:
+        raise DemoCheckError(f"DeepConf online generated {on_tokens} tokens, more than offline's {off_tokens} with the "
+                             "same seeds (its traces are prefixes of offline's); please report this")
+    right = sum(r.answer == p.answer for r, p in zip(online, problems))
+    stopped = sum(r.num_stopped for r in online)
+    return (f"DeepConf online (budget {config.budget}, warm-up {config.warmup}, eta {config.eta:g}, window "
+            f"{config.window}) on {len(problems)} held-out problems in flight "
+            f"on the toy reasoner: voted answer right on {right}/{len(problems)}; {stopped} of "
+            f"{len(problems) * (config.budget - config.warmup)} traces stopped, {on_tokens:,} tokens vs offline's "
+            f"{off_tokens:,} with the same seeds ({100 * (off_tokens - on_tokens) / off_tokens:.0f}% saved); "
+            f"{seconds:.1f} s (`trtfalcon tts`)")
+
+
 def step_build(st: DemoState) -> str:
     if not st.compile_kernels:
         return "skipped (--skip-kernels: the build compiles the plugin kernels)"
@@ -231,6 +269,7 @@ STEPS: list[tuple[str, Callable[[DemoState], str]]] = [
     ("generate", step_generate),
     ("quantize fp8", step_quantize),
     ("fp8 accuracy (toy reasoner)", step_quantize_toy),
+    ("test-time scaling (toy reasoner)", step_tts),
     ("export", step_export),
     ("plugins compile", step_kernels),
     ("build", step_build),

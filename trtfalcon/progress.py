@@ -31,3 +31,16 @@ def progress_messages(description: str) -> Iterator[Callable[[str], None]]:
     progress, task = progress_bar(0, description)
     with progress:
         yield lambda message: progress.update(task, tensor=message)
+
+
+def count_bar(total: int, description: str) -> tuple[Any, Any]:
+    """(rich Progress, task id) for a stage that counts items (test-time scaling's traces): done / total, elapsed
+    and remaining time, and `info=` a short text shown after the bar. Start it with `with progress:`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False, disable=not sys.stderr.isatty(),
+    )
+    task = progress.add_task(description, total=total, info="")
+    return progress, task

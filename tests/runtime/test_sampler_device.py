@@ -77,3 +77,39 @@ def test_top_p_filter_decided_on_the_host_as_the_device_compares():
     p = [SamplingParams(temperature=1.0, top_p=1.0 - 1e-9, logprobs=V, seed=3)] * 2
     lps = Sampler().sample(logits, p, [random.Random(3), random.Random(4)])[1]
     assert all(v > float("-inf") for lp in lps for v in lp.top_logprobs)
+
+
+def test_confidence_rows_read_nothing_back_and_come_back_in_the_one_copy():
+    """DeepConf rows (mixed k, temperature, greedy) get confidence_from_logits of their own tempered logits; the
+    engine's group-confidence push stays on the device; ids, log-probs, confidences and stop flags come back in one
+    copy."""
+    from trtfalcon.runtime.confidence import OnlineConfidence
+    from trtfalcon.runtime.request import ConfidenceParams
+    from trtfalcon.tts.deepconf import confidence_from_logits
+
+    torch.manual_seed(2)
+    logits = torch.randn(5, V)
+    params = [SamplingParams(temperature=0.8, top_p=0.5, seed=1, confidence=ConfidenceParams(top_k=20, window=2)),
+              SamplingParams(logprobs=3),
+              SamplingParams(confidence=ConfidenceParams(top_k=5, window=2, threshold=1e9)),
+              SamplingParams(temperature=1.3, top_k=4, seed=2, confidence=ConfidenceParams(top_k=20, window=2)),
+              SamplingParams(temperature=0.6, seed=3)]
+    slots = [4, 0, 2, 1, 3]
+    online = OnlineConfidence(num_slots=5)
+    online.begin([], torch.device("cpu"))
+    online.group(2).start(torch.tensor([4, 2, 1]), torch.tensor([-float("inf"), 1e9, -float("inf")],
+                                                                 dtype=torch.float64))
+    with count_host_reads() as reads:
+        result = Sampler().sample_on_device(logits, params, [random.Random(i) for i in range(5)], slots)
+        online.track(result, params)
+    assert sum(reads.values()) == 0, reads
+    with count_host_reads() as reads:
+        ids, lps, stats = result.to_host_with_confidence(params)
+    assert reads["cpu"] == 1 and sum(reads.values()) == 1, reads
+    assert ids == result.token_ids.tolist() and lps[1] is not None and lps[0] is None
+    for i, (k, t) in {0: (20, 0.8), 2: (5, 1.0), 3: (20, 1.3)}.items():
+        want = float(confidence_from_logits(logits[i: i + 1], k, t)[0])
+        assert abs(stats.confidence[i] - want) < 1e-5, i
+        assert stats.lowest_group[i] == stats.confidence[i]  # one token: the whole-trace mean
+    assert stats.confidence[1] is None and stats.confidence[4] is None
+    assert stats.stop == [False] * 5  # the window (2) is not full after one token, whatever the threshold

@@ -318,3 +318,26 @@ def test_percentile_and_threshold_equal_numpy():
         warmup_threshold([1.0], 0)
     with pytest.raises(ValueError, match="no values"):
         percentile([], 50)
+
+
+def test_restore_equals_start_and_pushes_bit_for_bit():
+    """A trace put back by `restore` (re-admission after a preemption) is in exactly the state of one pushed token
+    by token, and goes on identically: same group means, lowest group and stop decisions."""
+    rng = random.Random(7)
+    confs = [rng.uniform(0.5, 3.0) for _ in range(23)]
+    more = [rng.uniform(0.5, 3.0) for _ in range(9)]
+    for n in (0, 3, 5, 23):
+        a, b = GroupConfidence(3, window=5), GroupConfidence(3, window=5)
+        slot = torch.tensor([1])
+        a.start(slot, 1.7)
+        for c in confs[:n]:
+            a.push(slot, torch.tensor([c]))
+        b.restore(1, confs[:n], 1.7)
+        for name in ("ring", "total", "count", "lowest", "threshold"):
+            if name == "ring" and n < 5:
+                continue  # slots not yet written hold whatever the previous trace left; push never reads them
+            assert torch.equal(getattr(a, name)[1], getattr(b, name)[1]), (n, name)
+        for c in more:
+            ga, gb = a.push(slot, torch.tensor([c])), b.push(slot, torch.tensor([c]))
+            assert torch.equal(ga, gb) and torch.equal(a.stop(slot, ga), b.stop(slot, gb))
+        assert torch.equal(a.lowest_group(slot), b.lowest_group(slot))

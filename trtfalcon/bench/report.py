@@ -36,7 +36,9 @@ def print_table(results: list[ConcurrencyResult], device: str, console=None) -> 
     console.print(t)
 
 
-def write_report(path: Path, results: list[ConcurrencyResult], meta: dict[str, Any]) -> None:
+def write_report(path: Path, results: list[ConcurrencyResult], meta: dict[str, Any], **sections: Any) -> None:
+    """report.json: meta (with versions), the concurrency levels' results, and any other workload's section
+    (`bench --tts` writes "tts")."""
     import torch
 
     from trtfalcon import __version__
@@ -45,6 +47,7 @@ def write_report(path: Path, results: list[ConcurrencyResult], meta: dict[str, A
         "meta": {**meta, "trtfalcon": __version__, "torch": torch.__version__, "python": platform.python_version(),
                  "machine": platform.machine()},
         "results": [r.as_dict() for r in results],
+        **sections,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

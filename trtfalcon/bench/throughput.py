@@ -78,7 +78,7 @@ def run_concurrency(
     t0 = time.perf_counter()
     outputs = _drive(engine, requests, concurrency, "req", on_finish)
     duration = time.perf_counter() - t0
-    done = [o for o in outputs if o.finish_reason in ("length", "stop")]
+    done = [o for o in outputs if o.finish_reason in ("length", "stop", "confidence")]
     errors = [f"{o.request_id}: {o.error}" for o in outputs if o.finish_reason == "error"]
     out_tokens = sum(len(o.token_ids) for o in done)
     ttft = [o.ttft * 1e3 for o in done if o.ttft is not None]

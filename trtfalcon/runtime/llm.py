@@ -10,13 +10,19 @@ or drive it step by step (a server, a benchmark with a concurrency limit):
         for delta in engine.step():        # finished requests (and, with stream=True, every new token)
             ...
 
-Every request ends exactly once: "length", "stop", "cancelled", or "error" (rejected at add time, or its step's
-executor call failed). The engine is single-threaded: a server calls add_request/cancel/step from one loop.
+Every request ends exactly once: "length", "stop", "confidence" (DeepConf's online stop), "cancelled", or "error"
+(rejected at add time, or its step's executor call failed). The engine is single-threaded: a server calls add_request/cancel/step from one loop.
 
 n samples of one prompt (SamplingParams(n=4), DeepConf's parallel traces): `add_samples(request)` returns the n
 outputs, request ids f"{request_id}/{k}"; each sample is a request of its own from then on (its own deltas,
 finish reason, `cancel("rid/k")`), while `cancel("rid")` ends all of them. The prompt is prefilled once and the
 samples fork its caches (scheduler.py). `generate` lists the n samples of a request consecutively, in sample order.
+
+DeepConf (SamplingParams.confidence = ConfidenceParams(top_k, window, threshold)): the sampler computes each
+asking row's token confidence on the logits' device, an OnlineConfidence (runtime/confidence.py) keeps each
+trace's sliding-window group confidence there, one ring row per state slot, and the step's stop flags come back
+in the same device-to-host copy as the token ids; a stopped trace ends in that step (finish_reason "confidence"),
+its KV blocks and state slot free for the next step's admissions.
 
 `from_options` is how generate, bench, the demo and the server build an engine (as vLLM's
 LLMEngine.from_engine_args): the backend's executor (runtime/backends.py), limits capped by what that executor can
@@ -33,6 +39,7 @@ from typing import Any, Callable, Iterable, Iterator
 from trtfalcon.config import FalconH1Config
 from trtfalcon.runtime import backends
 from trtfalcon.runtime.backends import RuntimeLimits
+from trtfalcon.runtime.confidence import OnlineConfidence
 from trtfalcon.runtime.executors.base import Executor
 from trtfalcon.runtime.options import RuntimeOptions
 from trtfalcon.runtime.request import Request, RequestOutput, StreamDelta
@@ -95,6 +102,7 @@ class LLMEngine:
             num_slots=spec.num_slots, watermark_blocks=int(watermark * spec.num_blocks),
             eos_token_ids=tuple(eos_token_ids), seed=seed)
         self.sampler = Sampler()
+        self.confidence = OnlineConfidence(spec.num_slots)
         self.stream = stream
         self.on_delta = on_delta
         self.log_steps = log_steps
@@ -184,9 +192,9 @@ class LLMEngine:
                     forked = sched.fail_forked(step, f"fork failed in step {self.num_steps}: "
                                                      f"{type(exc).__name__}: {exc}")
                     deltas.extend(_ended_delta(s.output) for s in forked)
-            token_ids, logprobs = self._sample(step, logits)
+            token_ids, logprobs, confidence = self._sample(step, logits)
             t3 = time.perf_counter()
-            sampled = sched.update(step, token_ids, logprobs, t3)
+            sampled = sched.update(step, token_ids, logprobs, t3, confidence)
             t4 = time.perf_counter()
             self._collect(sampled, deltas)
             if self.log_steps:
@@ -199,13 +207,23 @@ class LLMEngine:
         return self._emit(deltas)
 
     def _sample(self, step: ScheduledStep, logits):  # noqa: ANN001, ANN202
+        sched = self.scheduler
+        if sched.slot_started:
+            # DeepConf rows of the traces that took a slot this step (or in a step that failed): before the push
+            self.confidence.begin(sched.take_slot_started(), logits.device)
         rows = step.sample_rows
         if not rows:
-            return [], None
+            return [], None, None
         if len(rows) != len(step.seqs) or step.num_forked:
             logits = logits[rows]
         sample_seqs = step.sample_seqs
-        return self.sampler.sample(logits, [s.params for s in sample_seqs], [s.rng for s in sample_seqs])
+        params = [s.params for s in sample_seqs]
+        rngs = [s.rng for s in sample_seqs]
+        if not sched.num_confidence or all(p.confidence is None for p in params):
+            return (*self.sampler.sample(logits, params, rngs), None)
+        sample = self.sampler.sample_on_device(logits, params, rngs, [s.state_slot for s in sample_seqs])
+        self.confidence.track(sample, params)
+        return sample.to_host_with_confidence(params)
 
     def _collect(self, sampled: list, deltas: list[StreamDelta]) -> None:
         if self.stream:

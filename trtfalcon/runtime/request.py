@@ -10,7 +10,36 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-FINISH_REASONS = ("length", "stop", "cancelled", "error")
+FINISH_REASONS = ("length", "stop", "confidence", "cancelled", "error")
+
+
+@dataclass(frozen=True)
+class ConfidenceParams:
+    """DeepConf's per-trace settings (SamplingParams.confidence); tts/deepconf.py has the formulas.
+
+    Each generated token's confidence is the negative mean of the `top_k` largest log-probabilities of the
+    distribution the sampler draws from after temperature but before top-k/top-p truncation (greedy rows:
+    temperature 1). The trace's group confidence is the mean over its last `window` tokens. With a `threshold`,
+    the trace ends (finish_reason "confidence") at the first token where a full window's mean is strictly below
+    it; None never stops (warm-up traces, offline runs), the confidences are still recorded.
+    """
+
+    top_k: int = 20                 # tts.deepconf.DEFAULT_TOP_K
+    window: int = 2048              # tokens; tts.deepconf.DEFAULT_WINDOW
+    threshold: float | None = None
+
+    def problems(self, vocab_size: int) -> list[str]:
+        """Every field out of range, as 'confidence.field: expected ..., found ...' (empty when valid)."""
+        found: list[str] = []
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= vocab_size:
+            found.append(f"confidence.top_k: expected an integer in [1, vocab_size={vocab_size}], found "
+                         f"{self.top_k!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            found.append(f"confidence.window: expected an integer >= 1 (tokens), found {self.window!r}")
+        t = self.threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
+            found.append(f"confidence.threshold: expected a finite number or None (never stop), found {t!r}")
+        return found
 
 
 @dataclass
@@ -30,6 +59,11 @@ class SamplingParams:
     seed from the engine's generator). The prompt is prefilled once; the samples then fork its KV blocks and Mamba
     state and each samples its own tokens, ending on its own (length / stop / cancel). Sample k's tokens equal those
     of a separate request with seed + k. 1 <= n <= the engine's max_batch_size.
+
+    `confidence` (ConfidenceParams) turns on DeepConf: every generated token's confidence is recorded
+    (RequestOutput.confidences) and, with a threshold, a trace whose sliding-window confidence falls below it ends
+    in the step of that token (finish_reason "confidence"), freeing its caches at once. With n > 1 every sample
+    carries the same settings.
     """
 
     max_new_tokens: int = 16
@@ -41,6 +75,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int = 0
     n: int = 1
+    confidence: ConfidenceParams | None = None
 
     @property
     def greedy(self) -> bool:
@@ -70,6 +105,11 @@ class SamplingParams:
             bad("seed", "an integer or None")
         if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in self.stop_token_ids):
             bad("stop_token_ids", f"token ids in [0, vocab_size={vocab_size})")
+        if self.confidence is not None:
+            if isinstance(self.confidence, ConfidenceParams):
+                found.extend(self.confidence.problems(vocab_size))
+            else:
+                bad("confidence", "a ConfidenceParams or None")
         return found
 
 
@@ -101,8 +141,8 @@ class TokenLogprobs:
 class RequestOutput:
     """The result of one request; the engine fills it in as generation proceeds (a live object).
 
-    `finish_reason` is None while running, then one of "length", "stop", "cancelled", "error" (with `error`
-    holding the message). `logprobs` has one entry per generated token when the request asked for them.
+    `finish_reason` is None while running, then one of "length", "stop", "confidence" (DeepConf's online stop),
+    "cancelled", "error" (with `error` holding the message). `logprobs` has one entry per generated token when the request asked for them.
     For a request with SamplingParams.n > 1 there is one RequestOutput per sample: request_id f"{parent_id}/{k}",
     `parent_id` the request's own id and `sample_index` k (for n == 1: parent_id None, sample_index 0).
     """
@@ -119,6 +159,8 @@ class RequestOutput:
     num_preemptions: int = 0
     parent_id: str | None = None
     sample_index: int = 0
+    confidences: list[float] | None = None
+    lowest_group_confidence: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -138,13 +180,17 @@ class RequestOutput:
 
     def to_dict(self) -> dict[str, Any]:
         """What a user reads, JSON-ready (`trtfalcon generate --json` prints it after the prompt's index and sample):
-        prompt_ids, token_ids, finish_reason, then error only when set and logprobs only when asked for."""
+        prompt_ids, token_ids, finish_reason, then error only when set, logprobs only when asked for, and
+        confidences with lowest_group_confidence only when DeepConf was on."""
         out: dict[str, Any] = {"prompt_ids": self.prompt_ids, "token_ids": self.token_ids,
                                "finish_reason": self.finish_reason}
         if self.error:
             out["error"] = self.error
         if self.logprobs is not None:
             out["logprobs"] = [asdict(lp) for lp in self.logprobs]
+        if self.confidences is not None:
+            out["confidences"] = self.confidences
+            out["lowest_group_confidence"] = self.lowest_group_confidence
         return out
 
 

@@ -15,7 +15,7 @@ Running sequences never exceed max_batch_size, so every running sequence decodes
 Each sequence's SequenceStatus says where it is: WAITING in `waiting`, RUNNING in `running` (the only status that
 owns a state slot and KV blocks), FORK_PENDING in its parent's `children`, FINISHED nowhere. The moves between
 them (admit, fork, preempt, hand over, finish) are a few methods in one section, and only they set it. Every
-ending (stop, length, cancelled, error) goes through `_finish`: the sequence leaves its queue, samples waiting on
+ending (stop, length, confidence, cancelled, error) goes through `_finish`: the sequence leaves its queue, samples waiting on
 its prefill are handed over, its slot and blocks are free before the next schedule.
 
 n samples of one prompt (SamplingParams.n > 1): sample 0 is queued and prefills the prompt like any request; the
@@ -28,6 +28,11 @@ fork then (no free slot, no block for the copy, or the batch full) is not lost: 
 an ordinary sequence and prefills the prompt itself. If sample 0 ends (cancelled, failed) before its prompt is
 done, the next pending sample takes over its place and the rest of the group. After the fork the samples are
 independent sequences: a preempted one recomputes prompt + its own tokens like any other.
+
+DeepConf online (SamplingParams.confidence): a sequence that takes a state slot (admission, fork, re-admission
+after a preemption) is listed in `slot_started` for the engine to (re)start its group-confidence row
+(runtime/confidence.py); `update` records each token's confidence and ends a trace whose window fell below its
+threshold with finish_reason "confidence", through `_finish` like stop and length.
 
 A sequence uses its state slot as its row in the BlockManager's block-table matrix (see cache.py), so
 block_tables for the step is one numpy gather. The StepBatch's tensors are views of buffers preallocated for
@@ -51,6 +56,7 @@ from trtfalcon.errors import RequestError
 from trtfalcon.runtime.cache import BlockManager, StateSlotPool
 from trtfalcon.runtime.contract import StepBatch
 from trtfalcon.runtime.request import FINISH_REASONS, Request, RequestOutput, SamplingParams, TokenLogprobs
+from trtfalcon.runtime.sampler import ConfidenceStats
 from trtfalcon.runtime.servable import SchedulerLimits, num_samples, request_problem
 
 
@@ -159,6 +165,8 @@ class Scheduler:
         self.live: dict[str, Sequence] = {}
         self.groups: dict[str, list[Sequence]] = {}  # request id of an n > 1 request in flight -> its samples
         self._num_parents = 0  # sequences with samples waiting to fork from them (0: fork_samples costs nothing)
+        self.num_confidence = 0  # live sequences with SamplingParams.confidence (0: the engine skips DeepConf)
+        self.slot_started: list[Sequence] = []  # such sequences that took a slot since the engine last looked
         self._seed_rng = random.Random(seed)
         self.last_build_s = 0.0  # time of the last build_batch, for the step log
 
@@ -219,6 +227,9 @@ class Scheduler:
         for k, output in enumerate(outputs):
             if p.logprobs:
                 output.logprobs = []
+            if p.confidence is not None:
+                output.confidences = []
+                self.num_confidence += 1
             rng = None
             if not p.greedy:
                 rng = random.Random(p.seed + k if p.seed is not None else self._seed_rng.getrandbits(64))
@@ -294,6 +305,8 @@ class Scheduler:
         seq.state_slot = slot
         seq.num_computed = 0  # a fresh start in a possibly reused slot: context_len 0 zeroes its state
         self.running.append(seq)
+        if seq.params.confidence is not None:
+            self.slot_started.append(seq)
         return seq
 
     def _fork(self, child: Sequence, parent: Sequence, num_tokens: int) -> tuple[int, list[tuple[int, int]]] | None:
@@ -312,6 +325,8 @@ class Scheduler:
         child.state_slot = slot
         child.num_computed = num_tokens
         self.running.append(child)
+        if child.params.confidence is not None:
+            self.slot_started.append(child)
         return src, copies
 
     def _preempt(self, seq: Sequence) -> None:
@@ -372,6 +387,8 @@ class Scheduler:
         if seq.children:
             self._hand_over(self._take_children(seq), at)
         del self.live[seq.request_id]
+        if seq.params.confidence is not None:
+            self.num_confidence -= 1
         if seq.group is not None:
             group = self.groups.get(seq.group)
             if group is not None and all(s.status is FINISHED for s in group):
@@ -578,20 +595,30 @@ class Scheduler:
                          cu_seqlens=v["cu_seqlens"][: num_seqs + 1], context_lens=v["context_lens"][:num_seqs],
                          state_slots=v["state_slots"][:num_seqs], block_tables=v["block_tables"][:num_seqs])
 
+    def take_slot_started(self) -> list[Sequence]:
+        """The DeepConf sequences that took a state slot since the last call (see `slot_started`)."""
+        started = self.slot_started
+        self.slot_started = []
+        return started
+
     def update(self, step: ScheduledStep, token_ids: list[int], logprobs: list[TokenLogprobs | None] | None,
-               now: float) -> list[Sequence]:
+               now: float, confidence: ConfidenceStats | None = None) -> list[Sequence]:
         """Advance the caches' bookkeeping and append sampled tokens; returns the sequences that got a token.
 
-        token_ids[j] (and logprobs[j]) belong to step.sample_seqs[j]. A sequence that ends with its token (stop,
-        length) is finished here: its blocks and slot are free for the next schedule's admissions. Another reason
-        to end a trace in the step of its token (say, its confidence falling below a threshold) is one more
-        branch beside these two, with its own finish reason (request.FINISH_REASONS).
+        token_ids[j] (and logprobs[j], confidence's entries [j]) belong to step.sample_seqs[j]. A sequence that ends
+        with its token is finished here: its blocks and slot are free for the next schedule's admissions. It ends
+        with "stop" (a stop token), else "length" (max_new_tokens), else "confidence" (DeepConf: its full window's
+        mean fell strictly below its threshold with this token). A natural end wins when they coincide: the token
+        completed the trace anyway, and a thresholded trace's finish reason then differs from the same trace's
+        without a threshold only when it was cut short.
         """
         seqs, num_new = step.seqs, step.num_new
         for seq, n in zip(seqs, num_new):
             seq.num_computed += n
         sampled: list[Sequence] = []
         any_finished = False
+        conf = confidence.confidence if confidence is not None else None
+        stop = confidence.stop if confidence is not None else None
         for j, seq in enumerate(step.sample_seqs):
             token = token_ids[j]
             seq.tokens.append(token)
@@ -602,12 +629,19 @@ class Scheduler:
             generated.append(token)
             if logprobs is not None and out.logprobs is not None:
                 out.logprobs.append(logprobs[j])
+            if conf is not None and out.confidences is not None:
+                out.confidences.append(conf[j])
+                if stop is not None:
+                    out.lowest_group_confidence = confidence.lowest_group[j]
             sampled.append(seq)
             if token in seq.stop_ids:
                 self._finish(seq, "stop", now)
                 any_finished = True
             elif len(generated) >= seq.max_new_tokens:
                 self._finish(seq, "length", now)
+                any_finished = True
+            elif stop is not None and stop[j]:
+                self._finish(seq, "confidence", now)
                 any_finished = True
         if any_finished:
             self._drop_finished()

@@ -69,8 +69,16 @@ def boxed_answer(text: str) -> str | None:
 EXTRACTORS: dict[str, AnswerExtractor] = {"toy": TOY_ANSWER, "boxed": boxed_answer}
 
 
+REGEX_PREFIX = "regex:"
+
+
 def get_extractor(name_or_pattern: str) -> AnswerExtractor:
-    """'toy', 'boxed', or a regular expression (its first group, or the whole match, is the answer)."""
+    """'toy', 'boxed', 'regex:PATTERN' (the command line's spelling), or a bare regular expression (its first
+    group, or the whole match, is the answer)."""
     if name_or_pattern in EXTRACTORS:
         return EXTRACTORS[name_or_pattern]
+    if name_or_pattern.startswith(REGEX_PREFIX):
+        name_or_pattern = name_or_pattern[len(REGEX_PREFIX):]
+        if not name_or_pattern:
+            raise ValueError(f"answer extractor {REGEX_PREFIX!r}: expected a regular expression after it, found none")
     return RegexAnswer(name_or_pattern)

@@ -124,6 +124,34 @@ class GroupConfidence:
         is full and its mean is strictly below the slot's threshold."""
         return (self.count[slots] >= self.window) & (group < self.threshold[slots])
 
+    def restore(self, slot: int, confs: Sequence[float], threshold: float = -math.inf) -> None:
+        """Put into `slot` a trace that already has the token confidences `confs` (say, one re-admitted after a
+        recompute preemption): the state `start` then a `push` per value would leave, bit for bit, so the trace
+        stops where it would have without the interruption.
+
+        The replay runs on the host in float64 with push's own operations (fp32 values, total += c - leaving,
+        total / min(n, window)): IEEE rounds them alike on every device. Then one copy per tensor; O(len(confs)).
+        """
+        w = self.window
+        vals = torch.as_tensor(list(confs), dtype=torch.float64).to(self.ring.dtype)  # as push stores them
+        c = vals.double().tolist()
+        total, lowest = 0.0, math.inf
+        for i, x in enumerate(c):
+            total += x - (c[i - w] if i >= w else 0.0)
+            if i + 1 >= w:
+                lowest = min(lowest, total / w)
+        ring = torch.zeros(w, dtype=self.ring.dtype)
+        n = len(c)
+        if n:
+            first = max(0, n - w)
+            ring[torch.arange(first, n) % w] = vals[first:]
+        dev = self.ring.device
+        self.ring[slot] = ring.to(dev)
+        self.total[slot] = total
+        self.count[slot] = n
+        self.lowest[slot] = lowest
+        self.threshold[slot] = threshold
+
     def lowest_group(self, slots: torch.Tensor) -> torch.Tensor:
         """Each trace's lowest group confidence so far (its min_conf): the lowest full window, or the mean of the
         whole trace while it is shorter than the window (NaN for a trace with no token yet)."""
