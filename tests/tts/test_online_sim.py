@@ -60,20 +60,29 @@ def test_groups_and_stop_equal_the_engines_group_confidence_token_by_token():
 def test_simulate_online_protocol():
     window = 2
     high, low = [9.0] * 6, [9.0, 9.0, 1.0, 1.0, 9.0, 9.0]
-    confs = [high, [8.0] * 5, low, high, low, [7.0] * 4]
-    answers = ["42", "7", "13", "42", "13", "7"]
+    low_at_end = [9.0, 9.0, 9.0, 1.0, 1.0]
+    confs = [high, [8.0] * 5, low, high, low, [7.0] * 4, low_at_end]
+    answers = ["42", "7", "13", "42", "13", "7", "13"]
     sim = simulate_online(confs, answers, warmup=3, eta=90.0, window=window)
     # warm-up lowest groups 9, 8, 1 -> threshold at their 10th percentile
     assert sim.threshold == pytest.approx(warmup_threshold([9.0, 8.0, 1.0], 90.0)) == pytest.approx(2.4)
-    assert sim.stopped == [False, False, False, False, True, False]  # the warm-up's low trace is never stopped
-    assert sim.kept_tokens == [6, 5, 6, 6, 4, 4]  # the later low trace keeps tokens up to its low window
-    assert sim.tokens_generated == 31
+    # the warm-up's low trace is never stopped; the last one's window falls below at its own last token: it ended
+    # (stop/length, as the engine reports it), not stopped - and does not vote (its lowest window is 1)
+    assert sim.stopped == [False, False, False, False, True, False, False]
+    assert online_stop(low_at_end, sim.threshold, window) == 5
+    assert sim.kept_tokens == [6, 5, 6, 6, 4, 4, 5]  # the later low trace keeps tokens up to its low window
+    assert sim.tokens_generated == 36
     # votes: warm-up's low trace (lowest 1 < 2.4) and the stopped one do not vote; weights = lowest groups
     assert sim.vote.answer == "42"
     assert [(a, n) for a, n, _ in sim.vote.table] == [("42", 2), ("7", 2)]
     assert sim.vote.table[0][2] == pytest.approx(18.0) and sim.vote.table[1][2] == pytest.approx(15.0)
     assert sim.traces[4].answer is None and sim.traces[4].scores.lowest_window == 1.0  # its prefix 9 9 1 1
-    with pytest.raises(ValueError, match="warm-up: expected 1 to 6"):
+    with pytest.raises(ValueError, match="warm-up: expected 1 to 7"):
         simulate_online(confs, answers, warmup=0, eta=10.0, window=window)
-    with pytest.raises(ValueError, match="6 traces' confidences but 5 answers"):
-        simulate_online(confs, answers[:5], warmup=2, eta=10.0, window=window)
+    with pytest.raises(ValueError, match="7 traces' confidences but 6 answers"):
+        simulate_online(confs, answers[:6], warmup=2, eta=10.0, window=window)
+    # a trace that ties the threshold (a twin of the warm-up trace that set it) runs on; a margin decides ties
+    twins = [[9.0, 9.0, 3.0, 3.0, 9.0], [9.0, 9.0, 3.0, 3.0, 9.0], [9.0, 9.0, 3.0, 3.0, 9.0]]
+    assert simulate_online(twins, ["1"] * 3, warmup=1, eta=10.0, window=window).stopped == [False] * 3
+    assert simulate_online(twins, ["1"] * 3, warmup=1, eta=10.0, window=window, stop_margin=1e-9).kept_tokens == [
+        5, 4, 4]

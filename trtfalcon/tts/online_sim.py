@@ -80,14 +80,22 @@ class SimulatedOnline:
 
 
 def simulate_online(confidences: Sequence[Sequence[float]], answers: Sequence[str | None], *, warmup: int,
-                    eta: float, window: int = DEFAULT_WINDOW) -> SimulatedOnline:
+                    eta: float, window: int = DEFAULT_WINDOW, stop_margin: float = 0.0) -> SimulatedOnline:
     """DeepConf online over the traces of one prompt, from their full runs in seed order (trace k = seed + k).
 
     confidences[k]: trace k's per-token confidences to its end; answers[k]: the answer of its full text. Traces
-    0 .. warmup-1 are the warm-up (never stopped); the rest are stopped by online_stop. A stopped trace never
+    0 .. warmup-1 are the warm-up (never stopped); the rest are stopped by online_stop, except at their own last
+    token: a trace whose window falls below the threshold at the token it ends on ends as it would have anyway
+    (the engine's finish reason is then stop or length, not confidence; the scheduler checks those first), so it
+    counts as not stopped (its lowest window is below the threshold: it does not vote either). A stopped trace never
     votes (online_vote), so the answer of its prefix is not needed; its ScoredTrace has answer None and the
     scores of its prefix. Unstopped traces keep their full scores, with lowest_window = lowest_group (the
     engine's arithmetic).
+
+    stop_margin: later traces stop below threshold + stop_margin instead (the vote still uses the threshold). The
+    engine's fp32 logits, hence confidences, change in their last bits with the batch's shape, so a window mean that
+    ties the threshold (a twin of the warm-up trace that set it) may fall either side of it in another run; a small
+    positive margin replays "every tie stops", a small negative one "every tie runs on".
     """
     if len(confidences) != len(answers):
         raise ValueError(f"online replay: {len(confidences)} traces' confidences but {len(answers)} answers")
@@ -97,7 +105,9 @@ def simulate_online(confidences: Sequence[Sequence[float]], answers: Sequence[st
     threshold = warmup_threshold([lowest_group(c, window) for c in confidences[:warmup]], eta)
     kept, stopped, traces = [], [], []
     for k, (confs, answer) in enumerate(zip(confidences, answers)):
-        stop = None if k < warmup else online_stop(confs, threshold, window)
+        stop = None if k < warmup else online_stop(confs, threshold + stop_margin, window)
+        if stop == len(confs):  # the trace's own last token (stop token, max_new_tokens): it ended, not stopped
+            stop = None
         n = len(confs) if stop is None else stop
         prefix = list(confs[:n])
         scores = replace(trace_scores(prefix, window=window), lowest_window=lowest_group(prefix, window))
