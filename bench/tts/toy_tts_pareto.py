@@ -84,17 +84,22 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=256)
     ap.add_argument("--out", type=Path, default=RESULTS / "toy_tts_pareto.json",
                     help="the JSON; the .md table and the .png plot go beside it.")
+    ap.add_argument("--from-json", action="store_true",
+                    help="measure nothing: write the table and the plot again from the --out JSON.")
     args = ap.parse_args()
     args.budgets = sorted(set(args.budgets))
     torch.set_num_threads(args.threads)
-    report = measure(args)
+    report = json.loads(args.out.read_text()) if args.from_json else measure(args)
     table = markdown(report)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    if not args.from_json:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(table)
     plot(report, args.out.with_suffix(".png"))
-    print(f"wrote {args.out}, {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')}", file=sys.stderr)
+    written = [] if args.from_json else [args.out]
+    print("wrote " + ", ".join(map(str, [*written, args.out.with_suffix(".md"), args.out.with_suffix(".png")])),
+          file=sys.stderr)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -374,7 +379,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"toy reasoner (1.2 M parameters), T={report['temperature']}, window {report['window']}: accuracy "
                  "vs tokens", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
