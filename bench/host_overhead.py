@@ -22,7 +22,7 @@ import torch
 
 from trtfalcon.runtime.executors.null import NullExecutor, null_cache_spec
 from trtfalcon.runtime.llm import LLMEngine
-from trtfalcon.runtime.request import Request, SamplingParams
+from trtfalcon.runtime.request import ConfidenceParams, Request, SamplingParams
 from trtfalcon.bench.throughput import percentile
 
 
@@ -91,10 +91,19 @@ def main() -> None:
                              max_num_tokens=1024))
     rows.append(run_case("decode DeepConf sampling", batch=64, vocab=v, isl=128, osl=long_osl, steps=n // 4,
                          max_num_tokens=2048, params=SamplingParams(temperature=0.6, top_p=0.95, logprobs=20)))
+    # DeepConf online (no log-probs returned): confidence per token, window push, stop flags in the one copy;
+    # threshold 0 never stops (C >= 0), so the batch stays full
+    online = ConfidenceParams(top_k=20, window=2048, threshold=0.0)
+    rows.append(run_case("decode DeepConf online", batch=64, vocab=v, isl=128, osl=long_osl, steps=n // 4,
+                         max_num_tokens=2048, params=SamplingParams(temperature=0.6, top_p=0.95, confidence=online)))
+    rows.append(run_case("decode greedy + confidence", batch=64, vocab=v, isl=128, osl=long_osl, steps=n // 4,
+                         max_num_tokens=2048, params=SamplingParams(confidence=online)))
     rows.append(run_case("decode greedy, CPU argmax", batch=64, vocab=full, isl=128, osl=long_osl, steps=n // 4,
                          max_num_tokens=2048))
     rows.append(run_case("DeepConf sampling, CPU", batch=64, vocab=full, isl=128, osl=long_osl, steps=20,
                          max_num_tokens=2048, params=SamplingParams(temperature=0.6, top_p=0.95, logprobs=20)))
+    rows.append(run_case("DeepConf online, CPU", batch=64, vocab=full, isl=128, osl=long_osl, steps=20,
+                         max_num_tokens=2048, params=SamplingParams(temperature=0.6, top_p=0.95, confidence=online)))
     cols = ["case", "batch", "vocab", "steps", "mean_seqs", "mean_tokens", "schedule_us", "build_us", "sample_us",
             "host_us", "host_p50_us", "host_p99_us"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; microseconds per step (mean unless p50/p99)")

@@ -119,3 +119,45 @@ def test_sampler_does_not_sync_before_its_one_copy():
     assert len(same) >= 60
     assert all((lps[i] is None) == (want_lps[i] is None) for i in range(64))
     assert all(lps[i].top_ids == want_lps[i].top_ids for i in same if lps[i] is not None)
+
+
+def test_deepconf_confidence_and_window_push_do_not_sync_before_the_one_copy():
+    """DeepConf online on the GPU: the confidences (mixed k), the group-confidence push and the stop flags stay on
+    the device until to_host_with_confidence's one copy, and equal the CPU's."""
+    from trtfalcon.runtime.confidence import OnlineConfidence
+    from trtfalcon.runtime.request import ConfidenceParams
+
+    logits = torch.randn(64, 130048, device=CUDA)
+    params = [SamplingParams(temperature=0.6 if i % 4 else 0.0, top_p=0.95,
+                             confidence=ConfidenceParams(top_k=20 if i % 5 else 7, window=4, threshold=1e9))
+              if i % 8 else SamplingParams(temperature=0.6) for i in range(64)]
+    slots = list(range(63, -1, -1))
+
+    def run(device):
+        online = OnlineConfidence(num_slots=64)
+        online.begin([], torch.device(device))
+        online.group(4).start(torch.arange(64, device=device), 1e9)
+        sampler = Sampler()
+        for step in range(5):
+            x = logits.to(device)
+            sample = sampler.sample_on_device(x, params, [random.Random(i + step) for i in range(64)], slots)
+            if device == "cuda" and step == 4:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    sample = sampler.sample_on_device(x, params, [random.Random(i + 9) for i in range(64)], slots)
+                    online.track(sample, params)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            else:
+                online.track(sample, params)
+            out = sample.to_host_with_confidence(params)
+        return out
+
+    _, _, gpu = run("cuda")
+    _, _, cpu = run("cpu")
+    asked = [i for i in range(64) if params[i].confidence is not None]
+    assert all(gpu.confidence[i] is None for i in range(64) if i not in asked)
+    for i in asked:
+        assert abs(gpu.confidence[i] - cpu.confidence[i]) < 1e-3 * abs(cpu.confidence[i])
+    assert all(gpu.stop[i] for i in asked)  # after 5 tokens the window of 4 is full, and below 1e9

@@ -214,6 +214,25 @@ def test_preempted_trace_stops_where_an_unpreempted_one_does(weights):
                and len(o.token_ids) - WINDOW < last_at[o.request_id] < len(o.token_ids) for o in outs)
 
 
+def test_different_windows_in_one_batch_and_unused_windows_dropped(weights):
+    """Requests with different windows (and top-k) in the same steps each get their own window's group
+    confidence; a later window drops the ring buffers of windows no running trace uses."""
+    ps = prompts(2)
+    eng = engine(weights)
+    outs = eng.generate([Request("a", ps[0], sampled(1, window=4)),
+                         Request("b", ps[1], SamplingParams(max_new_tokens=40, temperature=0.8, seed=2, confidence=(
+                             ConfidenceParams(top_k=5, window=11))))])
+    for o, w in zip(outs, (4, 11)):
+        assert o.lowest_group_confidence == pytest.approx(
+            float(window_means(torch.tensor(o.confidences), w).min()), abs=1e-5)
+    assert set(eng.confidence.groups) == {4, 11}
+    alone = engine(weights).generate([Request("b", ps[1], SamplingParams(
+        max_new_tokens=40, temperature=0.8, seed=2, confidence=ConfidenceParams(top_k=5, window=11)))])[0]
+    assert outs[1].confidences == pytest.approx(alone.confidences, abs=1e-5)
+    eng.generate([Request("c", ps[0], sampled(3, window=6))])
+    assert set(eng.confidence.groups) == {6}
+
+
 @pytest.mark.parametrize("conf, field", [
     (ConfidenceParams(top_k=0), "confidence.top_k"),
     (ConfidenceParams(top_k=10_000), "confidence.top_k"),

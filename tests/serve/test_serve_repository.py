@@ -93,7 +93,8 @@ def test_model_reads_and_writes_exactly_the_declared_tensors(text_model, monkeyp
 
     monkeypatch.setattr(pb, "get_input_tensor_by_name", spy)
     reqs = [InferenceRequest({"input_ids": np.array([4, 5, 6], np.int32), "max_tokens": np.array([3], np.int32),
-                              "logprobs": np.array([2], np.int32), "stream": np.array([stream])})
+                              "logprobs": np.array([2], np.int32), "stream": np.array([stream]),
+                              "return_confidences": np.array([True])})
             for stream in (True, False)]
     text_model.execute(reqs)
     declared_in = {s.name for s in protocol.inputs(True)}
@@ -106,7 +107,7 @@ def test_model_reads_and_writes_exactly_the_declared_tensors(text_model, monkeyp
                 spec = outs[name]
                 assert arr.dtype == spec.numpy_dtype, name
                 assert arr.ndim == len(spec.dims), name
-            assert set(resp.outputs()) == set(outs)  # logprobs were asked for: every output present
+            assert set(resp.outputs()) == set(outs)  # logprobs and confidences asked for: every output present
 
 
 def test_template_imports_only_the_backend_api():
@@ -166,7 +167,9 @@ def test_client_helpers_send_what_the_config_declares(text_ckpt, tmp_path):
     declared = {i.name: (wire.get(DTYPE.Name(i.data_type), DTYPE.Name(i.data_type)[5:]), len(i.dims))
                 for i in cfg.input}
     arrays = request_arrays(text="w5 w6", max_tokens=4, temperature=0.5, top_p=0.9, top_k=3, seed=1,
-                            stop_words=["w9"], stop_token_ids=[2], ignore_eos=True, stream=False, logprobs=2)
+                            stop_words=["w9"], stop_token_ids=[2], ignore_eos=True, stream=False, logprobs=2,
+                            n=2, confidence_top_k=20, confidence_window=8, confidence_threshold=1.5,
+                            return_confidences=True)
     assert set(arrays) == set(declared) - {"input_ids"}
     for module in (grpcclient, httpclient):
         for inp in tritonclient_inputs(module, arrays):

@@ -197,6 +197,65 @@ def _bad_call(server, i: int, model: str, inputs: dict, parameters) -> StreamCal
     return StreamCall(server.grpc_url, model, request_id=f"bad{i}", arrays=arrays, parameters=parameters).start()
 
 
+def test_n_samples_with_a_deepconf_threshold_match_the_engine(triton, ids_ckpt):
+    """One request with n = 4 and a DeepConf threshold that stops some samples, streamed and not (and once without
+    return_confidences): per sample_index, the tokens, finish reasons ('confidence' for the stopped ones),
+    per-token confidences and lowest group confidences equal the in-process engine's for the same seeds; each
+    Triton request ends with exactly one FINAL; bad DeepConf inputs are rejected naming the input; the generate
+    endpoint carries the stats too; the pools are all free afterwards."""
+    from trtfalcon.runtime.llm import LLMEngine
+    from trtfalcon.runtime.options import RuntimeOptions
+    from trtfalcon.runtime.request import ConfidenceParams, Request, SamplingParams
+
+    prompt, window, n = [5, 6, 7], 4, 4
+
+    def engine_run(threshold):
+        engine = LLMEngine.from_options("torch", ids_ckpt, RuntimeOptions(**SERVER_RUNTIME))
+        return engine.generate([Request("r", prompt, SamplingParams(
+            max_new_tokens=20, temperature=1.0, seed=7, n=n, confidence=ConfidenceParams(20, window, threshold)))])
+
+    lows = sorted(o.lowest_group_confidence for o in engine_run(None))
+    threshold = (lows[1] + lows[2]) / 2  # the two least confident samples fall below it
+    want = engine_run(threshold)
+    assert sorted(o.finish_reason for o in want) == ["confidence", "confidence", "length", "length"]
+
+    before = stats(triton, "ids")
+    inputs = dict(input_ids=prompt, max_tokens=20, temperature=1.0, seed=7, n=n, confidence_window=window,
+                  confidence_threshold=threshold)
+    streamed = start(triton, "ids", "deepconf-stream", **inputs, return_confidences=True, stream=True)
+    whole = start(triton, "ids", "deepconf-whole", **inputs, return_confidences=True)
+    bare = start(triton, "ids", "deepconf-no-confidences", **inputs)
+    bad = start(triton, "ids", "deepconf-bad", input_ids=prompt, n=0, confidence_window=0, confidence_top_k=999)
+    try:
+        finish(streamed, whole, bare, bad)
+    finally:
+        close(streamed, whole, bare, bad)
+    for call in (streamed, whole, bare):
+        assert call.error is None, call.error
+        got = call.samples()
+        assert sorted(got) == list(range(n))
+        for k, o in enumerate(want):
+            assert (got[k]["token_ids"], got[k]["finish_reason"]) == (o.token_ids, o.finish_reason), (call, k)
+            assert got[k]["lowest_group_confidence"] == pytest.approx(o.lowest_group_confidence, abs=1e-9)
+            if call is bare:
+                assert "confidences" not in got[k]
+            else:
+                np.testing.assert_allclose(got[k]["confidences"], o.confidences, rtol=0, atol=1e-6)
+    assert len(whole.chunks) == n and all(len(c["output_ids"]) == 1 for c in streamed.chunks)
+    assert streamed.chunks_at_end == len(streamed.chunks)  # FINAL on the last sample's last token
+    for name in ("input 'n'", "input 'confidence_window'", "input 'confidence_top_k'"):
+        assert bad.error is not None and name in bad.error, bad.error
+
+    one = http_generate(triton.http_url, "ids", input_ids=prompt, max_tokens=20, temperature=1.0, seed=9,
+                        confidence_window=window, return_confidences=True)
+    assert len(one["confidences"]) == len(one["output_ids"]) and one["sample_index"] == 0
+    assert one["lowest_group_confidence"] == pytest.approx(min(
+        np.convolve(one["confidences"], np.ones(window) / window, "valid")), abs=1e-5)
+    after = wait_for(triton, "ids", lambda s: idle(s) and s["completed"] - before["completed"] >= 4)
+    assert after["completed"] - before["completed"] == 4  # a Triton request each, whatever its n
+    assert after["rejected"] - before["rejected"] == 1
+
+
 def test_bad_requests_are_rejected_while_good_ones_complete(triton, ids_ckpt):
     """Bad requests interleaved with good ones: each bad one ends with exactly one error naming the problem (the
     model's INVALID_ARG, or Triton's own check), the good ones complete with generate's tokens, and the generate

@@ -196,3 +196,22 @@ def test_a_prompt_the_engine_cannot_serve_is_refused_before_anything_runs(engine
     with pytest.raises(RequestError, match="tts prompt 0: .*max_seq_len"):
         run_tts(engine, PROMPTS[0], replace(CONFIG, max_new_tokens=500), TOY_ANSWER, decode=decode)
     assert not engine.has_work
+
+
+def test_a_failing_step_raises_naming_the_trace_and_leaves_none_of_its_traces_running(weights):
+    eng = toy_engine(weights, max_batch_size=4)  # 8 traces of 2 prompts: most wait while the first ones run
+    execute, calls = eng.executor.execute, []
+
+    def failing(batch):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("device lost")
+        return execute(batch)
+
+    eng.executor.execute = failing
+    with pytest.raises(RequestError, match=r"tts prompt \d, trace \d: executor failed in step 4: RuntimeError: "
+                                           "device lost"):
+        run_tts_many(eng, PROMPTS[:2], replace(CONFIG, mode="offline", budget=4), TOY_ANSWER, decode=decode)
+    ended = [d for _ in range(3) for d in eng.step()]  # the cancellations are reported by the next step
+    assert not eng.scheduler.live and not eng.has_work
+    assert ended and all(d.finish_reason in ("cancelled", "error") for d in ended)

@@ -40,11 +40,20 @@ class OnlineConfidence:
             g = self.groups[window] = GroupConfidence(self.num_slots, window, self.device)
         return g
 
-    def begin(self, seqs: Seq[Sequence], device: torch.device) -> None:
+    def begin(self, seqs: Seq[Sequence], device: torch.device, running: Seq[Sequence] = ()) -> None:
         """Start (or restore) the rows of `seqs`, sequences that took a state slot since the last call; those no
-        longer running (ended, preempted again) are skipped: their slot is not theirs now."""
+        longer running (ended, preempted again) are skipped: their slot is not theirs now.
+
+        `running` (the scheduler's running sequences) lets a new window size drop the GroupConfidences no running
+        trace uses any more: memory stays bounded by the windows in flight, whatever windows clients sent before
+        (a re-admitted trace restores its row from its recorded confidences, so nothing is lost).
+        """
         if self.device is None:
             self.device = device
+        if any(s.state_slot >= 0 and s.params.confidence.window not in self.groups for s in seqs) and self.groups:
+            in_use = {s.params.confidence.window for s in running if s.params.confidence is not None}
+            for window in [w for w in self.groups if w not in in_use]:
+                del self.groups[window]
         fresh: dict[int, tuple[list[int], list[float]]] = {}
         for seq in seqs:
             if seq.state_slot < 0:

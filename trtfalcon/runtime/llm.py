@@ -210,7 +210,7 @@ class LLMEngine:
         sched = self.scheduler
         if sched.slot_started:
             # DeepConf rows of the traces that took a slot this step (or in a step that failed): before the push
-            self.confidence.begin(sched.take_slot_started(), logits.device)
+            self.confidence.begin(sched.take_slot_started(), logits.device, sched.running)
         rows = step.sample_rows
         if not rows:
             return [], None, None

@@ -11,8 +11,10 @@ Host <-> device traffic per step (a GPU's logits): the rows' settings (temperatu
 copy of one small table, from pinned memory, without waiting for the step's kernels; the filters' branches are
 decided on the host from the same settings (no device read); and the result comes back in ONE copy
 (`DeviceSample.to_host`). `Sampler.sample_on_device` returns that result while it is still on the device: ids,
-chosen log-probs and the top-k log-probs as tensors, the one place where per-token statistics (DeepConf's
-confidence = -mean(top_logprobs)) can be computed on the device before anything is copied.
+chosen log-probs and the top-k log-probs as tensors. Rows with SamplingParams.confidence (DeepConf) also get their
+token confidence there, from the tempered logits before truncation (one top-k over those rows); the engine adds its
+window's stop flags on the device (runtime/confidence.py), and `DeviceSample.to_host_with_confidence` brings it
+all back in the same single copy.
 """
 
 from __future__ import annotations

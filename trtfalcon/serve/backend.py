@@ -9,7 +9,8 @@ across Triton requests.
 Every request ends exactly once with TRITONSERVER_RESPONSE_COMPLETE_FINAL, on exactly one of these paths:
 - rejected in execute (missing input, wrong dtype or shape, ids outside the vocab, too long, bad sampling
   params): an error response, FINAL, before it reaches the engine;
-- its last token ("length" or "stop" from the engine, or a stop word found in the text): FINAL with that token;
+- its last token ("length", "stop" or DeepConf's "confidence" from the engine, or a stop word found in the text):
+  FINAL with that token;
 - rejected by the engine's own admission checks (e.g. it needs more KV blocks than the pool has): INVALID_ARG;
 - ended by the engine with an error (its step's executor call failed), or by a failure while building or sending
   its response: an error response, FINAL;
@@ -19,6 +20,13 @@ Every request ends exactly once with TRITONSERVER_RESPONSE_COMPLETE_FINAL, on ex
 Each ending is counted by outcome, and the instance's pools are published, on Triton's metrics port (metrics.py).
 `_live` maps the engine's request id to the request's state; whoever pops it sends the FINAL flag, so a late
 delta for a request that already ended (its stop word was found, or it was failed) is ignored.
+
+n samples (input `n` > 1, DeepConf's parallel traces): the engine runs them as n sequences (ids rid/k, the prompt
+prefilled once); each has its own _Live entry, all sharing one _Request. Every response carries one sample
+(output sample_index); each sample ends on its own, and the FINAL flag rides on the response of the last sample
+to end. An error or a cancellation of any sample ends the whole Triton request (one error response, FINAL) and
+cancels its other samples. DeepConf's per-sample confidence stats (lowest_group_confidence, and confidences with
+return_confidences) ride on the same responses.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from trtfalcon.errors import RequestError
-from trtfalcon.runtime.request import Request, StreamDelta, TokenLogprobs
+from trtfalcon.runtime.request import Request, RequestOutput, StreamDelta, TokenLogprobs
 from trtfalcon.serve.metrics import OUTCOME_OF_CODE, PoolStats, ServeMetrics
 from trtfalcon.serve.repository import ServeSettings, instance_runtime_options
 from trtfalcon.serve.requests import ParsedRequest, parse_request, serve_limits
@@ -46,8 +54,16 @@ log = logging.getLogger("trtfalcon.serve")
 
 
 @dataclass
+class _Request:
+    """One Triton request: its sender and the engine ids of its samples still in flight."""
+
+    sender: Any
+    samples: set[str]
+
+
+@dataclass
 class _Live:
-    """One request in flight: where its responses go and what it has produced so far."""
+    """One sample of a request in flight: where its responses go and what it has produced so far."""
 
     triton_id: str
     sender: Any
@@ -55,6 +71,9 @@ class _Live:
     text: TextStream | None
     token_ids: list[int] = field(default_factory=list)  # all generated ids (count; non-streaming output)
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # non-streaming only
+    request: _Request | None = None  # set at admission
+    sample_index: int = 0
+    output: RequestOutput | None = None  # the engine's live output (confidences, lowest group)
 
 
 class ServedModel:
@@ -197,9 +216,13 @@ class ServedModel:
 
     def _publish(self, force: bool) -> None:
         try:
-            self.metrics.publish(len(self._live), self.pool_stats(), force=force)
+            self.metrics.publish(self._requests_in_flight(), self.pool_stats(), force=force)
         except Exception:  # noqa: BLE001 - metrics are for operators: never let them end requests
             log.error("%s: publishing metrics failed:\n%s", self.name, traceback.format_exc())
+
+    def _requests_in_flight(self) -> int:
+        """Triton requests in flight (a request with n samples is one)."""
+        return len({id(live.request) if live.request is not None else id(live) for live in self._live.values()})
 
     def pool_stats(self) -> PoolStats:
         """Free and total KV blocks and state slots of this instance's engine (engine thread)."""
@@ -208,12 +231,18 @@ class ServedModel:
         return PoolStats(sched.blocks.num_free, spec.num_blocks, sched.slots.num_free, spec.num_slots)
 
     def _admit(self, request: Request, live: _Live) -> None:
-        out = self.engine.add_request(request)
-        if out.finished:  # rejected by the scheduler's own checks (e.g. more KV blocks than the pool has): a
+        outs = self.engine.add_samples(request)
+        if outs[0].finished:  # rejected by the scheduler's own checks (e.g. more KV blocks than the pool has): a
             # client error like those execute() catches; the engine's matching delta next step finds no _live entry
-            self._send_error(live.sender, f"{self._label(live.triton_id)}: {out.error}", "INVALID_ARG")
+            self._send_error(live.sender, f"{self._label(live.triton_id)}: {outs[0].error}", "INVALID_ARG")
             return
-        self._live[request.request_id] = live
+        group = _Request(live.sender, {o.request_id for o in outs})
+        for k, out in enumerate(outs):
+            sample = live if k == 0 else _Live(
+                live.triton_id, live.sender, live.parsed,
+                TextStream(self.tokenizer, live.parsed.prompt_ids, live.parsed.stop_words) if live.text else None)
+            sample.request, sample.sample_index, sample.output = group, k, out
+            self._live[out.request_id] = sample
 
     def _poll_cancelled(self) -> None:
         """Ask Triton which requests were cancelled (each ask is an IPC round trip: at most every cancel_poll_s)."""
@@ -233,12 +262,36 @@ class ServedModel:
 
     def _end_all(self, message: str, code: str) -> None:
         for rid, live in list(self._live.items()):
+            if rid not in self._live:  # a sibling's error already ended its request
+                continue
             try:
                 self.engine.cancel(rid)
             except Exception:  # noqa: BLE001 - best effort on an engine that just failed
                 pass
             del self._live[rid]
+            self._end_siblings(live)
             self._send_error(live.sender, f"{self._label(live.triton_id)}: {message}", code)
+
+    def _end_siblings(self, live: _Live) -> None:
+        """`live`'s request ends now (an error or a cancellation): its other samples still in flight are cancelled
+        in the engine (their blocks and slots free at once) and forgotten, so they send nothing more."""
+        group = live.request
+        if group is None:
+            return
+        for rid in list(group.samples):
+            sibling = self._live.pop(rid, None)
+            if sibling is not None and sibling is not live:
+                self.engine.cancel(rid)
+        group.samples.clear()
+
+    def _sample_done(self, rid: str, live: _Live) -> bool:
+        """`live` (sample `rid`) sent its last response: True when it was its request's last sample (FINAL)."""
+        del self._live[rid]
+        group = live.request
+        if group is None:
+            return True
+        group.samples.discard(rid)
+        return not group.samples
 
     def _deliver(self, d: StreamDelta) -> None:
         live = self._live.get(d.request_id)
@@ -251,6 +304,7 @@ class ServedModel:
             if self._live.pop(d.request_id, None) is not None:
                 if not d.finished:
                     self.engine.cancel(d.request_id)
+                self._end_siblings(live)
                 self._send_error(live.sender, f"{self._label(live.triton_id)}: {type(e).__name__}: {e}", "INTERNAL")
             else:  # its final response was built but could not be sent (the client is gone)
                 self.metrics.request_ended("failed")
@@ -259,6 +313,7 @@ class ServedModel:
         reason = d.finish_reason
         if reason in ("error", "cancelled"):
             del self._live[d.request_id]
+            self._end_siblings(live)
             if reason == "error":
                 err = d.output.error if d.output is not None else "ended with an error"
                 self._send_error(live.sender, f"{self._label(live.triton_id)}: {err}", "INTERNAL")
@@ -281,17 +336,16 @@ class ServedModel:
             ids, lps = live.token_ids, live.logprobs
         else:
             ids, lps = list(d.token_ids), list(d.logprobs or [])
-        final = reason is not None
-        if final:
-            del self._live[d.request_id]
-        tensors = self._outputs(live, ids, lps, reason or "", final)
+        done = reason is not None
+        final = done and self._sample_done(d.request_id, live)
+        tensors = self._outputs(live, ids, lps, reason or "", done)
         flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
         live.sender.send(self.pb.InferenceResponse(output_tensors=tensors), flags=flags)
         if final:
             self.metrics.request_ended("completed")
 
     def _outputs(self, live: _Live, ids: list[int], lps: list[TokenLogprobs], reason: str, final: bool) -> list:
-        """The response tensors: the names and dtypes protocol.OUTPUTS declares."""
+        """The response tensors: the names and dtypes protocol.OUTPUTS declares. `final`: the sample's last."""
         T = self.pb.Tensor
         out = []
         if live.text is not None:
@@ -301,7 +355,17 @@ class ServedModel:
             T("finish_reason", np.array([reason.encode()], dtype=object)),
             T("prompt_tokens", np.array([len(live.parsed.prompt_ids)], dtype=np.int32)),
             T("completion_tokens", np.array([len(live.token_ids)], dtype=np.int32)),
+            T("sample_index", np.array([live.sample_index], dtype=np.int32)),
         ]
+        out_conf = live.output.confidences if live.output is not None else None
+        if out_conf is not None:
+            lowest = live.output.lowest_group_confidence
+            out.append(T("lowest_group_confidence",
+                         np.array([lowest if lowest is not None else np.nan], dtype=np.float64)))
+            if live.parsed.return_confidences:
+                # what this response's ids cover: the new ones when streaming, all of them at the end otherwise
+                new = out_conf[len(out_conf) - len(ids):] if live.parsed.stream else out_conf
+                out.append(T("confidences", np.asarray(new, dtype=np.float32)))
         k = live.parsed.params.logprobs
         if k:
             out += [

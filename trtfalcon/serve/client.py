@@ -74,15 +74,17 @@ def _result(get: Any, names: list[str]) -> dict[str, Any]:
             continue
         if name in ("text_output", "finish_reason"):
             r[name] = arr.reshape(-1)[0].decode("utf-8")
-        elif name in ("prompt_tokens", "completion_tokens"):
+        elif name in ("prompt_tokens", "completion_tokens", "sample_index"):
             r[name] = int(arr.reshape(-1)[0])
+        elif name == "lowest_group_confidence":
+            r[name] = float(arr.reshape(-1)[0])
         else:
             r[name] = arr.tolist()
     return r
 
 
-_OUTPUT_NAMES = ["text_output", "output_ids", "finish_reason", "prompt_tokens", "completion_tokens",
-                 *LOGPROB_OUTPUTS]
+_OUTPUT_NAMES = ["text_output", "output_ids", "finish_reason", "prompt_tokens", "completion_tokens", "sample_index",
+                 *LOGPROB_OUTPUTS, "lowest_group_confidence", "confidences"]
 
 
 def _import(kind: str) -> Any:
@@ -183,6 +185,22 @@ class StreamCall:
     @property
     def finish_reason(self) -> str | None:
         return self.chunks[-1].get("finish_reason") if self.chunks and self.error is None else None
+
+    def samples(self) -> dict[int, dict[str, Any]]:
+        """Per sample_index (a request with n > 1), what came back for it: its token_ids, finish_reason,
+        completion_tokens and, with DeepConf, its lowest_group_confidence (the last one sent) and confidences
+        (when asked for), gathered from its responses in order."""
+        out: dict[int, dict[str, Any]] = {}
+        for c in self.chunks:
+            s = out.setdefault(c.get("sample_index", 0), {"token_ids": [], "finish_reason": ""})
+            s["token_ids"] += c.get("output_ids", [])
+            s["finish_reason"] = c.get("finish_reason", "")
+            s["completion_tokens"] = c.get("completion_tokens")
+            if "lowest_group_confidence" in c:
+                s["lowest_group_confidence"] = c["lowest_group_confidence"]
+            if "confidences" in c:
+                s.setdefault("confidences", []).extend(c["confidences"])
+        return dict(sorted(out.items()))
 
     @property
     def ttft_s(self) -> float | None:

@@ -21,6 +21,7 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "TYPE_INT32": np.dtype(np.int32),
     "TYPE_INT64": np.dtype(np.int64),
     "TYPE_FP32": np.dtype(np.float32),
+    "TYPE_FP64": np.dtype(np.float64),
     "TYPE_STRING": np.dtype(object),
 }
 
@@ -60,19 +61,39 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("ignore_eos", "TYPE_BOOL", (1,), "keep generating past the model's EOS (benchmarks)"),
     TensorSpec("stream", "TYPE_BOOL", (1,), "one response per token (true) or one response at the end (default)"),
     TensorSpec("logprobs", "TYPE_INT32", (1,), "k > 0: return each token's logprob and the top-k; 0 = off"),
+    TensorSpec("n", "TYPE_INT32", (1,), "samples of the prompt (DeepConf's parallel traces; default 1): each "
+               "response carries one sample, named by sample_index; sample k is seeded with seed + k"),
+    TensorSpec("confidence_top_k", "TYPE_INT32", (1,), "DeepConf: log-probs averaged into a token's confidence "
+               "(default 20); sending any confidence_* input turns DeepConf on"),
+    TensorSpec("confidence_window", "TYPE_INT32", (1,), "DeepConf: sliding window of the group confidence, tokens "
+               "(default 2048)"),
+    TensorSpec("confidence_threshold", "TYPE_FP64", (1,), "DeepConf online: stop a sample when a full window's mean "
+               "falls below it (finish_reason 'confidence'); absent = never stop"),
+    TensorSpec("return_confidences", "TYPE_BOOL", (1,), "DeepConf: also return each token's confidence"),
 )
 
+# The DeepConf inputs: any one of them present turns DeepConf on for the request.
+CONFIDENCE_INPUTS = ("confidence_top_k", "confidence_window", "confidence_threshold", "return_confidences")
+
 # A streaming response carries what its step added (text and ids are deltas; counts are running totals);
-# a non-streaming response carries the whole completion. The logprob outputs are present only when asked for.
+# a non-streaming response carries the whole completion. The logprob outputs are present only when asked for, the
+# confidence outputs only with DeepConf on (confidences only with return_confidences). With n > 1 each response
+# carries one sample (sample_index): a non-streaming request gets one response per sample, as each ends.
 OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("text_output", "TYPE_STRING", (1,), "generated text (the new text when streaming)", text=True),
     TensorSpec("output_ids", "TYPE_INT32", (-1,), "generated token ids (the new ids when streaming)"),
-    TensorSpec("finish_reason", "TYPE_STRING", (1,), "'' while running, then 'length' or 'stop'"),
+    TensorSpec("finish_reason", "TYPE_STRING", (1,), "'' while running, then 'length', 'stop' or 'confidence' "
+               "(stopped by DeepConf online)"),
+    TensorSpec("sample_index", "TYPE_INT32", (1,), "which of the request's n samples this response is about"),
     TensorSpec("prompt_tokens", "TYPE_INT32", (1,), "tokens in the prompt"),
     TensorSpec("completion_tokens", "TYPE_INT32", (1,), "tokens generated so far"),
     TensorSpec("output_logprobs", "TYPE_FP32", (-1,), "log-probability of each token in output_ids"),
     TensorSpec("top_logprobs", "TYPE_FP32", (-1, -1), "[tokens, k] the k highest log-probabilities per token"),
     TensorSpec("top_ids", "TYPE_INT32", (-1, -1), "[tokens, k] their token ids"),
+    TensorSpec("lowest_group_confidence", "TYPE_FP64", (1,), "DeepConf: the sample's lowest window mean so far "
+               "(its min_conf; the whole-sample mean while shorter than the window)"),
+    TensorSpec("confidences", "TYPE_FP32", (-1,), "DeepConf: each token's confidence in output_ids "
+               "(return_confidences)"),
 )
 
 LOGPROB_OUTPUTS = ("output_logprobs", "top_logprobs", "top_ids")

@@ -17,8 +17,9 @@ from typing import Any, Callable
 import numpy as np
 
 from trtfalcon.errors import RequestError
-from trtfalcon.runtime.request import SamplingParams
-from trtfalcon.serve.protocol import TensorSpec, input_spec
+from trtfalcon.runtime.request import ConfidenceParams, SamplingParams
+from trtfalcon.serve.protocol import CONFIDENCE_INPUTS, TensorSpec, input_spec
+from trtfalcon.tts.deepconf import DEFAULT_TOP_K, DEFAULT_WINDOW
 
 GetInput = Callable[[str], "np.ndarray | None"]
 
@@ -35,6 +36,7 @@ class ServeLimits:
     max_stop_words: int = 16
     max_stop_word_chars: int = 256
     bytes_per_token: int = 64  # text_input cap = max_seq_len * this, checked before tokenizing
+    max_n: int = 64  # samples per request (n); the engine's max_batch_size caps it too
 
 
 def serve_limits(caps: dict[str, Any], vocab_size: int, max_seq_len: int) -> ServeLimits:
@@ -57,6 +59,7 @@ class ParsedRequest:
     params: SamplingParams
     stream: bool
     stop_words: tuple[str, ...]
+    return_confidences: bool = False
 
 
 class _Inputs:
@@ -125,7 +128,7 @@ def parse_request(get: GetInput, limits: ServeLimits, tokenizer: Any | None = No
                   parameters: dict[str, Any] | None = None) -> ParsedRequest:
     """Validate and convert; raise RequestError naming every bad input (and every request parameter)."""
     allowed = {"input_ids", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos",
-               "stream", "logprobs"}
+               "stream", "logprobs", "n", *CONFIDENCE_INPUTS}
     if tokenizer is not None:
         allowed |= {"text_input", "stop_words"}
     inp = _Inputs(get, allowed)
@@ -201,6 +204,22 @@ def parse_request(get: GetInput, limits: ServeLimits, tokenizer: Any | None = No
     ignore_eos = inp.scalar("ignore_eos")
     stream = inp.scalar("stream")
 
+    # ---- samples and DeepConf
+    n = inp.scalar("n")
+    if n is not None and not 1 <= n <= limits.max_n:
+        inp.bad("n", f"an integer in [1, {limits.max_n}] (the server's max_n samples)", n)
+    conf_top_k = inp.scalar("confidence_top_k")
+    if conf_top_k is not None and not 1 <= conf_top_k <= vocab:
+        inp.bad("confidence_top_k", f"an integer in [1, vocab_size={vocab}]", conf_top_k)
+    window = inp.scalar("confidence_window")
+    if window is not None and window < 1:
+        inp.bad("confidence_window", "an integer >= 1 (tokens)", window)
+    threshold = inp.scalar("confidence_threshold")
+    if threshold is not None and not math.isfinite(threshold):
+        inp.bad("confidence_threshold", "a finite number (absent = never stop)", threshold)
+    return_confidences = inp.scalar("return_confidences")
+    deepconf = any(inp.get(name) is not None for name in CONFIDENCE_INPUTS)
+
     # Every option is an input. A request parameter is a client's mistake that would otherwise pass silently:
     # the generate endpoint turns each JSON field that names no input into one (`"max_new_tokens": 64`).
     for name, value in sorted((parameters or {}).items()):
@@ -219,8 +238,16 @@ def parse_request(get: GetInput, limits: ServeLimits, tokenizer: Any | None = No
         stop_token_ids=tuple(stop_ids),
         ignore_eos=bool(ignore_eos),
         logprobs=int(logprobs) if logprobs is not None else 0,
+        n=int(n) if n is not None else 1,
+        # A window longer than max_seq_len never fills, exactly like one of max_seq_len (a sample is shorter):
+        # served as that, so that DeepConf's default 2048 works on any model and the window's ring buffers stay
+        # bounded by the model's own length.
+        confidence=ConfidenceParams(
+            top_k=int(conf_top_k) if conf_top_k is not None else min(DEFAULT_TOP_K, vocab),
+            window=min(int(window) if window is not None else DEFAULT_WINDOW, max_seq),
+            threshold=float(threshold) if threshold is not None else None) if deepconf else None,
     )
-    return ParsedRequest(prompt, params, bool(stream), tuple(stop_words))
+    return ParsedRequest(prompt, params, bool(stream), tuple(stop_words), bool(return_confidences))
 
 
 def _check_ids(inp: _Inputs, name: str, arr: np.ndarray, vocab: int) -> list[int] | None:

@@ -217,8 +217,9 @@ def run_tts(engine: LLMEngine, prompt_ids: Sequence[int], config: TTSConfig, ext
 
 def run_tts_many(engine: LLMEngine, prompts: Sequence[Sequence[int]], config: TTSConfig,
                  extractor: AnswerExtractor, *, decode: Decode, progress: bool = False) -> list[TTSResult]:
-    """DeepConf on every prompt, all in flight together on `engine`; results in prompt order, each equal to
-    run_tts of that prompt alone (same seeds: trace k of every prompt has config.seed + k).
+    """DeepConf on every prompt, all in flight together on `engine`; results in prompt order, each what run_tts of
+    that prompt alone gives (same seeds: trace k of every prompt has config.seed + k; the same tokens, except where a
+    window mean ties the threshold to float rounding, see the module docstring).
 
     A prompt the engine can never serve (ids outside the vocab, too long for max_seq_len or the KV pool) raises
     RequestError naming it before anything runs; a trace that fails in the engine raises RequestError after the
