@@ -220,6 +220,11 @@ def votes_equal(a: VoteResult, b: VoteResult) -> bool:
         abs(wa - wb) <= TIE * max(1.0, abs(wa)) for (_, _, wa), (_, _, wb) in zip(a.table, b.table))
 
 
+def x_tokens(t: TraceResult, full: list[TraceResult]) -> list[int]:
+    """The offline trace's tokens over the online trace's length (the same seed: trace index t.index)."""
+    return full[t.index].output.token_ids[:t.num_tokens]
+
+
 def compare(engine: list[TTSResult], sims: list[SimulatedOnline], full: list[list[TraceResult]], n: int,
             window: int) -> dict[str, Any]:
     """The engine's online run against its replay from the offline traces, trace by trace.
@@ -230,6 +235,8 @@ def compare(engine: list[TTSResult], sims: list[SimulatedOnline], full: list[lis
     hold other traces than the offline run's. That decides only what sits on a boundary to rounding:
     - a stop: a window mean that ties the threshold (the toy model writes most traces more than once, and a twin of
       the warm-up trace that set the threshold sits exactly on it): stop_decisions_differ, of_which_ties;
+    - a voter: a trace whose lowest window ties the threshold votes in one run and not in the other
+      (online_vote keeps lowest >= threshold): voters_differ, of_which_lowest_window_ties;
     - a vote: two answers whose weights tie (twins again): of_which_weight_ties;
     - a token: a draw within rounding of a boundary of the sampling CDF (token_ids_not_prefix; the rest of such a
       trace is another trace).
@@ -237,7 +244,7 @@ def compare(engine: list[TTSResult], sims: list[SimulatedOnline], full: list[lis
     weights tie, where none of these happened."""
     d = {"threshold_max_abs_diff": 0.0, "confidence_max_abs_diff": 0.0, "traces_confidences_bitwise_equal": 0,
          "traces_same_tokens": 0, "token_ids_not_prefix": 0, "stop_decisions_differ": 0, "of_which_ties": 0,
-         "votes_differ": 0, "of_which_weight_ties": 0, "votes_differ_without_a_tie": 0,
+         "voters_differ": 0, "of_which_lowest_window_ties": 0, "votes_differ": 0, "of_which_weight_ties": 0, "votes_differ_without_a_tie": 0,
          "tokens_generated_differ_without_a_tie": 0}
     for r, s, ts in zip(engine, sims, full):
         d["threshold_max_abs_diff"] = max(d["threshold_max_abs_diff"], abs(r.threshold - s.threshold))
@@ -258,6 +265,16 @@ def compare(engine: list[TTSResult], sims: list[SimulatedOnline], full: list[lis
                 g = group_confidences(f.output.confidences, window)[at]
                 d["of_which_ties"] += abs(g - s.threshold) <= TIE
                 ties_here += 1
+        # who votes: online_vote keeps traces with lowest window >= threshold; a twin of the threshold's trace sits on it
+        for t, x, stopped in zip(r.traces, s.traces, s.stopped):
+            if t.stopped != stopped or t.output.token_ids != x_tokens(t, ts):
+                continue  # counted above
+            votes_eng = bool(t.answer) and not t.stopped and t.scores.lowest_window >= r.threshold
+            votes_sim = bool(x.answer) and not x.stopped and x.scores.lowest_window >= s.threshold
+            if votes_eng != votes_sim:
+                d["voters_differ"] += 1
+                d["of_which_lowest_window_ties"] += abs(x.scores.lowest_window - s.threshold) <= TIE
+                ties_here += 1
         if not votes_equal(r.vote, s.vote):
             d["votes_differ"] += 1
             w = sorted((x for _, _, x in s.vote.table), reverse=True)
@@ -268,7 +285,8 @@ def compare(engine: list[TTSResult], sims: list[SimulatedOnline], full: list[lis
             d["tokens_generated_differ_without_a_tie"] += 1
     d["equal"] = d["stop_decisions_differ"] == 0 and d["votes_differ"] == 0 and d["token_ids_not_prefix"] == 0
     d["equal_up_to_ties"] = (d["of_which_ties"] == d["stop_decisions_differ"] and d["votes_differ_without_a_tie"]
-                             == 0 and d["tokens_generated_differ_without_a_tie"] == 0)
+                             == 0 and d["tokens_generated_differ_without_a_tie"] == 0
+                             and d["of_which_lowest_window_ties"] == d["voters_differ"])
     return d
 
 
@@ -300,9 +318,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "DeepConf online: the engine against its replay from the offline traces' confidences "
               "(trtfalcon.tts.online_sim; same seeds, same protocol):", "",
               "| N | W | eta | engine: accuracy / tokens / stopped | replay | replay, ties stop | replay, ties run on "
-              "| stoppable | mean threshold | stops differ (of which ties) | tokens flipped | votes differ (weight "
-              "ties) | equal |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| stoppable | mean threshold | stops differ (of which ties) | tokens flipped | voters differ (ties) "
+              "| votes differ (weight ties) | equal |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cmp = [o["engine_vs_simulation"] for b in report["budgets"] for o in b["online"].values()]
     for b in report["budgets"]:
         for o in b["online"].values():
@@ -312,7 +330,8 @@ def markdown(report: dict[str, Any]) -> str:
                                for x in (e, s, o["simulation_ties_stop"], o["simulation_ties_run_on"]))
             lines.append(f"| {b['n']} | {o['warmup']} | {o['eta']:g} | {cells} | {o['traces_stoppable']} | "
                          f"{o['mean_threshold']:.3f} | {c['stop_decisions_differ']} ({c['of_which_ties']}) | "
-                         f"{c['token_ids_not_prefix']} | {c['votes_differ']} ({c['of_which_weight_ties']}) | {eq} |")
+                         f"{c['token_ids_not_prefix']} | {c['voters_differ']} ({c['of_which_lowest_window_ties']}) | "
+                         f"{c['votes_differ']} ({c['of_which_weight_ties']}) | {eq} |")
     cmp = [o["engine_vs_simulation"] for b in report["budgets"] for o in b["online"].values()]
     lines += ["", "Stopped traces in the engine are finish_reason \"confidence\"; \"replay\" replays the protocol from "
               "the offline traces' recorded confidences; \"ties stop\" / \"ties run on\" replay it with the stop "
@@ -322,7 +341,8 @@ def markdown(report: dict[str, Any]) -> str:
               f"from the offline run's (max {max(c['confidence_max_abs_diff'] for c in cmp):.1e}): a trace's fp32 "
               "logits change with what shares its steps (decode attention over the step's longest context, "
               "small-row matmuls). That decides what sits on a boundary: a window mean on the threshold (a stop "
-              f"counted as a tie when the replay's window mean is within {TIE:g} of it), two answers' equal weights "
+              f"counted as a tie when the replay's window mean is within {TIE:g} of it), a lowest window on the "
+              "threshold (the trace votes in one run and not in the other), two answers' equal weights "
               "(a weight tie), a random draw on a CDF boundary (a flipped token: the trace goes on differently). "
               "\"up to ties\": nothing else differs. One trace at a time (batch 1) the engine equals the replay "
               "exactly (tests/tts/test_online_replay.py)."]
