@@ -7,7 +7,8 @@ trace's steps have the same shapes in both runs. In flight, a trace's fp32 logit
 what shares its steps (the CPU ops' decode attention reduces over the longest context of the step,
 plugins/torch_batched.py; a matmul of fewer than 4 rows takes another kernel), never its tokens; and the toy model
 writes many traces twice (a twin of the warm-up trace that sets the threshold has a window mean exactly on it):
-such ties may be decided either way, and nothing else may differ.
+such ties (a stop, whether a trace votes, which of two equally weighted answers wins) may be decided either way,
+and nothing else may differ.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def test_online_in_flight_equals_the_replay_up_to_ties_with_the_threshold(weight
         assert on.threshold == pytest.approx(sim.threshold, abs=TIE)
         ties = 0
         for a, b, was_stopped, kept in zip(on.traces, off.traces, sim.stopped, sim.kept_tokens):
-            assert a.output.token_ids == b.output.token_ids[:a.num_tokens]  # the tokens never depend on the batch
+            # the same tokens (a draw within rounding of a CDF boundary could flip one: ~1 in 10^6 tokens, the
+            # bench saw 1 in 900k; none in these runs)
+            assert a.output.token_ids == b.output.token_ids[:a.num_tokens]
             if (a.stopped, a.num_tokens) != (was_stopped, kept):
                 # only a window mean on the threshold (to fp32 rounding) may be decided otherwise
                 g = group_confidences(b.output.confidences, WINDOW)[min(a.num_tokens, kept) - 1]
@@ -87,6 +90,12 @@ def test_online_in_flight_equals_the_replay_up_to_ties_with_the_threshold(weight
                 ties += 1
         if not ties:
             assert on.tokens_generated == sim.tokens_generated
+            # who votes (online_vote: lowest window >= threshold) differs only where a lowest window ties it
+            for a, x in zip(on.traces, sim.traces):
+                if (a.scores.lowest_window >= on.threshold) != (x.scores.lowest_window >= sim.threshold):
+                    assert x.scores.lowest_window == pytest.approx(sim.threshold, abs=TIE)
+                    ties += 1
+        if not ties:
             # the same votes with the same weights to rounding; the winner too unless two answers tie (twins again:
             # the same number of traces with the same lowest windows), where rounding picks it
             assert sorted((x, n) for x, n, _ in on.vote.table) == sorted((x, n) for x, n, _ in sim.vote.table)
