@@ -3,13 +3,13 @@
     python bench/tts/toy_tts_pareto.py --checkpoint tests/data/toy-reasoner --problems 100 --budgets 8 32 64 \
         --temperature 0.8 --window 16 --top-k 20 --warmup-cap 16 --seed 0
 
-For each held-out problem (toy_task.held_out_problems) the runtime samples max(budgets) traces to their end (one
-prefill, SamplingParams.n; trace k of problem i seeded with seed + i * max(budgets) + k) with DeepConf's
-confidence recorded per token (ConfidenceParams(top_k, window), no threshold). The offline methods at a budget N use
-the first N of those traces (same seeds, so the same traces an N-trace run would draw): single-trace accuracy (the
-mean over the traces), pass@N (some trace right: the ceiling of any vote), majority@N, and DeepConf-low / -high
-offline@N (eta 10 / 90: the top-eta% of traces by lowest-window confidence, vote weighted by it); their tokens are
-all N traces' tokens.
+For each held-out problem (toy_task.held_out_problems) the runtime samples max(budgets) traces to their end
+(tts.run.run_tts_many, mode offline: every problem in flight, one prefill per request of n samples; trace k of every
+problem seeded with seed + k, as run_tts seeds them) with DeepConf's confidence recorded per token
+(ConfidenceParams(top_k, window), no threshold). The offline methods at a budget N use the first N of those traces
+(same seeds, so the same traces an N-trace run draws): single-trace accuracy (the mean over the traces), pass@N (some
+trace right: the ceiling of any vote), majority@N, and DeepConf-low / -high offline@N (eta 10 / 90: the top-eta% of
+traces by lowest-window confidence, vote weighted by it); their tokens are all N traces' tokens.
 
 DeepConf online@N runs in the engine: W warm-up traces to their end set the threshold (warmup_threshold of their
 lowest groups, eta 10 = low, 90 = high), then the other N - W traces run with it and the scheduler stops a trace
@@ -17,12 +17,15 @@ the step its full window's mean falls below it (finish_reason "confidence"); tok
 later trace's up to its stop. W = min(--warmup-cap, N // 2): DeepConf's 16 warm-up traces where the budget allows
 it, but never more than half the budget, so at N = 8 (W = 4) half the traces can still be stopped early; fewer
 than 4 warm-up traces would put the 90th percentile (DeepConf-low's threshold) on one or two traces. The same
-online protocol is also replayed from the offline traces' recorded confidences (trtfalcon.tts.online_sim): it must
-give the engine's stopped traces, tokens and votes exactly, and the table says whether it did.
+online protocol is also replayed from the offline traces' recorded confidences (trtfalcon.tts.online_sim) and
+compared trace by trace (`compare`): with the same logits to the last bit the two are equal
+(tests/tts/test_online_replay.py); in flight a trace's fp32 logits change in their last bits with what shares its
+steps, so a stop, a voter or a winner that sits on its boundary (a tie) may go either way, and the table counts
+those and anything else that differs.
 
 Settings: temperature 0.8 (the middle of the range the model was evaluated at; toy_offline_vote's), top_p 1 and no
-sampling top-k, so the confidence's distribution is the one sampled from (deepconf.py: DeepConf's confidence is
-taken before truncation; with top_p < 1 the returned log-probs would be -inf); confidence top-k 20 (DeepConf's;
+sampling top-k, so the distribution DeepConf's confidence is taken from (the tempered one before truncation:
+deepconf.py's docstring) is the one the tokens are drawn from; confidence top-k 20 (DeepConf's;
 the vocabulary has 53 tokens); window 16 tokens, not DeepConf's 2048: the toy traces are ~43 tokens, and a window
 longer than the trace is never full, so online would never stop and min_conf would be the trace mean; 16 tokens
 is one to two written steps (e.g. "376*80=30080;"), local enough to catch one uncertain step. --threads 1 on the
