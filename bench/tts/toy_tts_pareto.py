@@ -219,8 +219,11 @@ def trace_facts(full: list[list[TraceResult]], right: list[list[bool]], window: 
 
 
 def votes_equal(a: VoteResult, b: VoteResult) -> bool:
-    return a.answer == b.answer and [(x, k) for x, k, _ in a.table] == [(x, k) for x, k, _ in b.table] and all(
-        abs(wa - wb) <= TIE * max(1.0, abs(wa)) for (_, _, wa), (_, _, wb) in zip(a.table, b.table))
+    """The same winner, and every answer with the same votes and weight to rounding (the order of answers whose
+    weights tie below the winner is rounding's too, and decides nothing)."""
+    wa, wb = {x: (k, w) for x, k, w in a.table}, {x: (k, w) for x, k, w in b.table}
+    return a.answer == b.answer and wa.keys() == wb.keys() and all(
+        wa[x][0] == wb[x][0] and abs(wa[x][1] - wb[x][1]) <= TIE * max(1.0, abs(wa[x][1])) for x in wa)
 
 
 def x_tokens(t: TraceResult, full: list[TraceResult]) -> list[int]:
