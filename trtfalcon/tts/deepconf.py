@@ -75,6 +75,28 @@ def confidence_from_logits(logits: torch.Tensor, k: int = DEFAULT_TOP_K,
 # ---- per trace, incrementally (online) ---------------------------------------------------------------------------
 
 
+def check_window(window: int) -> None:
+    """A DeepConf window is a whole number of tokens, at least one."""
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"DeepConf window: expected an integer >= 1, found {window!r}")
+
+
+def window_sums(confs: Sequence[float] | torch.Tensor, window: int = DEFAULT_WINDOW) -> list[float]:
+    """GroupConfidence.push's running sum, replayed on the host: after each token, the float64 sum of the last
+    `window` confidences, each first rounded to the ring's fp32, updated by total += new - leaving. The same IEEE
+    operations in the same order as push, so the values equal what push leaves in `total`, bit for bit, on any
+    device (restore and tts.online_sim rely on it). The group confidence after token i is sums[i] / min(i+1, window).
+    """
+    check_window(window)
+    c = torch.as_tensor(confs, dtype=torch.float64).flatten().to(torch.float32).double().tolist()
+    sums: list[float] = []
+    total = 0.0
+    for i, x in enumerate(c):
+        total += x - (c[i - window] if i >= window else 0.0)
+        sums.append(total)
+    return sums
+
+
 class GroupConfidence:
     """Sliding-window group confidence of many traces at once, O(1) per token: one ring buffer row per slot.
 
@@ -87,8 +109,7 @@ class GroupConfidence:
     """
 
     def __init__(self, num_slots: int, window: int = DEFAULT_WINDOW, device: torch.device | str = "cpu") -> None:
-        if not isinstance(window, int) or window < 1:
-            raise ValueError(f"DeepConf window: expected an integer >= 1, found {window!r}")
+        check_window(window)
         self.window = window
         self.ring = torch.zeros(num_slots, window, dtype=torch.float32, device=device)
         self.total = torch.zeros(num_slots, dtype=torch.float64, device=device)  # sum over the current window
@@ -129,19 +150,16 @@ class GroupConfidence:
         recompute preemption): the state `start` then a `push` per value would leave, bit for bit, so the trace
         stops where it would have without the interruption.
 
-        The replay runs on the host in float64 with push's own operations (fp32 values, total += c - leaving,
-        total / min(n, window)): IEEE rounds them alike on every device. Then one copy per tensor; O(len(confs)).
+        The running sum is replayed on the host (window_sums: push's own operations, which IEEE rounds alike on
+        every device), then one copy per tensor; O(len(confs)).
         """
         w = self.window
         vals = torch.as_tensor(list(confs), dtype=torch.float64).to(self.ring.dtype)  # as push stores them
-        c = vals.double().tolist()
-        total, lowest = 0.0, math.inf
-        for i, x in enumerate(c):
-            total += x - (c[i - w] if i >= w else 0.0)
-            if i + 1 >= w:
-                lowest = min(lowest, total / w)
+        sums = window_sums(vals, w)
+        total = sums[-1] if sums else 0.0
+        lowest = min((t / w for t in sums[w - 1:]), default=math.inf)
         ring = torch.zeros(w, dtype=self.ring.dtype)
-        n = len(c)
+        n = len(sums)
         if n:
             first = max(0, n - w)
             ring[torch.arange(first, n) % w] = vals[first:]

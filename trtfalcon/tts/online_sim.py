@@ -21,28 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-import torch
-
-from trtfalcon.tts.deepconf import DEFAULT_WINDOW, trace_scores, warmup_threshold
+from trtfalcon.tts.deepconf import DEFAULT_WINDOW, trace_scores, warmup_threshold, window_sums
 from trtfalcon.tts.vote import ScoredTrace, VoteResult, online_vote
-
-
-def _check_window(window: int) -> None:
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"DeepConf window: expected an integer >= 1, found {window!r}")
 
 
 def group_confidences(confidences: Sequence[float], window: int = DEFAULT_WINDOW) -> list[float]:
     """The group confidence after each token, as GroupConfidence.push returns it: the mean of the last `window`
     confidences (of all of them while fewer)."""
-    _check_window(window)
-    c = torch.as_tensor(list(confidences), dtype=torch.float64).to(torch.float32).tolist()  # the ring's dtype
-    out: list[float] = []
-    total = 0.0
-    for i, x in enumerate(c):
-        total += x - (c[i - window] if i >= window else 0.0)
-        out.append(total / min(i + 1, window))
-    return out
+    return [t / min(i + 1, window) for i, t in enumerate(window_sums(list(confidences), window))]
 
 
 def lowest_group(confidences: Sequence[float], window: int = DEFAULT_WINDOW) -> float:
