@@ -516,10 +516,11 @@ def bench(checkpoint: Path, dataset: Path | None, isl: int, osl: int, isl_stdev:
 
 # ------------------------------------------------------------------------------------------------------ tts
 def _answer_extractor(name: str) -> Any:
-    from trtfalcon.tts.answers import get_extractor
+    from trtfalcon.tts.answers import EXTRACTORS, REGEX_PREFIX, get_extractor
 
-    if name not in ("toy", "boxed") and not name.startswith("regex:"):
-        raise click.BadParameter(f"expected toy, boxed or regex:PATTERN, found {name!r}", param_hint="--extractor")
+    if name not in EXTRACTORS and not name.startswith(REGEX_PREFIX):
+        raise click.BadParameter(f"expected {', '.join(EXTRACTORS)} or {REGEX_PREFIX}PATTERN, found {name!r}",
+                                 param_hint="--extractor")
     try:
         return get_extractor(name)
     except ValueError as e:
@@ -542,7 +543,8 @@ def _trace_text(checkpoint: Path, tokenizer_dir: Path | None) -> tuple[Any, Call
 
 
 def tts_config_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """DeepConf's settings (TTSConfig) as options, shared by `tts` and `bench --tts`."""
+    """DeepConf's settings (TTSConfig) as the `tts` command's options (`bench --tts` has its own --tts-* flags:
+    a workload's few settings, with defaults sized for a benchmark)."""
     from trtfalcon.tts.deepconf import DEFAULT_TOP_K
 
     options = [
